@@ -1,0 +1,153 @@
+"""Configuration of the whole application: the `args` of serve_config.yaml, validated by pydantic.
+
+Tenants, their API keys (stored as sha256 hex digests, never in clear) and their adapters are
+declared inline or in a YAML file named by `tenants_file`. Validation errors name the bad field,
+e.g. `adapters.2.owner: owner 'globx' is not a declared tenant`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+BUILTIN = "builtin"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantConfig(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    # sha256 of each valid API key; rotate keys by listing old and new digests together.
+    api_key_sha256: list[str] = Field(min_length=1)
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        for d in digests:
+            if not re.fullmatch(r"[0-9a-f]{64}", d):
+                raise ValueError("each entry must be a lowercase sha256 hex digest (64 chars)")
+        return digests
+
+
+class AdapterConfig(_Strict):
+    """A LoRA adapter in PEFT format. `path` is a local directory, or `builtin:<name>` for a demo
+    adapter of the built-in model. Owned by one tenant, or `shared` with every tenant."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str
+    owner: str | None = None
+    shared: bool = False
+
+    @model_validator(mode="after")
+    def _owner_or_shared(self) -> AdapterConfig:
+        if self.owner is None and not self.shared:
+            raise ValueError("an adapter needs an owner tenant or shared: true")
+        return self
+
+
+class EngineConfig(_Strict):
+    """vLLM engine settings (one engine per replica). `extra_args` passes any other vLLM engine
+    argument by its Python name (e.g. {enable_prefix_caching: true})."""
+
+    model: str = BUILTIN  # a local model directory, or "builtin"
+    served_model_name: str = Field(default="builtin-moe", pattern=NAME_PATTERN)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_loras: int = Field(default=4, ge=1, description="adapter slots in one batch")
+    max_cpu_loras: int = Field(default=8, ge=1, description="adapters cached in CPU memory")
+    max_lora_rank: int = Field(default=16, ge=1, le=512)
+    max_model_len: int = Field(default=2048, ge=16)
+    max_num_seqs: int = Field(default=64, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = False
+    seed: int = 0
+    extra_args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _cpu_cache_holds_slots(self) -> EngineConfig:
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        return self
+
+
+class EngineDeploymentConfig(_Strict):
+    """Ray Serve settings of the engine deployment."""
+
+    num_replicas: int | Literal["auto"] = 1
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    # Requests waiting in the router for a replica beyond this get 503 + Retry-After.
+    max_queued_requests: int = Field(default=256, ge=-1)
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    autoscaling_config: dict[str, Any] | None = None
+    health_check_period_s: float = 10.0
+    env_vars: dict[str, str] = Field(default_factory=dict)
+
+
+class RoutingConfig(_Strict):
+    # An adapter-holding replica is preferred only while its queue is at most this much longer
+    # than the least-loaded replica's; beyond that the request goes where capacity is.
+    imbalance_threshold: int = Field(default=8, ge=0)
+    stats_period_s: float = Field(default=1.0, gt=0)
+
+
+class AppConfig(_Strict):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    tenants: list[TenantConfig] = Field(default_factory=list)
+    adapters: list[AdapterConfig] = Field(default_factory=list)
+    retry_after_s: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppConfig:
+        tenant_names = [t.name for t in self.tenants]
+        _no_duplicates(tenant_names, "tenants")
+        _no_duplicates([d for t in self.tenants for d in t.api_key_sha256], "api_key_sha256")
+        _no_duplicates([a.name for a in self.adapters], "adapters")
+        for a in self.adapters:
+            if a.owner is not None and a.owner not in tenant_names:
+                raise ValueError(f"adapter {a.name!r}: owner {a.owner!r} is not a declared tenant")
+            if a.name == self.engine.served_model_name:
+                raise ValueError(f"adapter {a.name!r} has the base model's name")
+        return self
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> AppConfig:
+        """From serve_config.yaml's `args`; `tenants_file` may hold `tenants` and `adapters`."""
+        args = dict(args)
+        if tenants_file := args.pop("tenants_file", None):
+            extra = yaml.safe_load(Path(tenants_file).read_text()) or {}
+            for key in ("tenants", "adapters"):
+                args[key] = list(args.get(key, [])) + list(extra.get(key, []))
+        return cls.model_validate(args)
+
+
+def _no_duplicates(values: list[str], what: str) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"duplicate entry in {what}: {v if what != 'api_key_sha256' else '…'}")
+        seen.add(v)
+
+
+def resolve_model_path(model: str) -> str:
+    if model == BUILTIN:
+        from app.builtin_model import ensure_builtin_model
+
+        return str(ensure_builtin_model().model)
+    return model
+
+
+def resolve_adapter_path(path: str) -> str:
+    if path.startswith(f"{BUILTIN}:"):
+        from app.builtin_model import ensure_builtin_model
+
+        return str(ensure_builtin_model().adapter(path.split(":", 1)[1]))
+    return path

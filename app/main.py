@@ -1,0 +1,40 @@
+"""`import_path: app.main:build_app` of serve_config.yaml: the router in front of the engines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from app.config import AppConfig
+from app.engine import EngineDeployment, engine_env_vars
+from app.router import Router
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Validates the whole config first, so a bad field fails `serve run` before anything starts."""
+    cfg = AppConfig.from_args(args)
+    config = cfg.model_dump()
+    dep = cfg.deployment
+    actor_options = dict(dep.ray_actor_options)
+    runtime_env = dict(actor_options.pop("runtime_env", {}) or {})
+    runtime_env["env_vars"] = {**engine_env_vars(dep.env_vars), **runtime_env.get("env_vars", {})}
+    actor_options["runtime_env"] = runtime_env
+    options: dict[str, Any] = dict(
+        max_ongoing_requests=dep.max_ongoing_requests,
+        max_queued_requests=dep.max_queued_requests,
+        ray_actor_options=actor_options,
+        health_check_period_s=dep.health_check_period_s,
+        request_router_config=RequestRouterConfig(
+            request_router_class="app.routing:AdapterAffinityRouter",
+            request_router_kwargs={"imbalance_threshold": cfg.routing.imbalance_threshold},
+            request_routing_stats_period_s=cfg.routing.stats_period_s,
+        ),
+    )
+    if dep.autoscaling_config is not None:
+        options["autoscaling_config"] = dep.autoscaling_config
+    else:
+        options["num_replicas"] = dep.num_replicas
+    engine = EngineDeployment.options(**options).bind(config)
+    return Router.bind(engine, config)

@@ -1,0 +1,89 @@
+"""serve_config validation: good files load, bad fields are named, the app graph builds offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from app.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SHA = "a" * 64
+
+
+def app_args(path: str) -> dict:
+    return yaml.safe_load((ROOT / path).read_text())["applications"][0]["args"]
+
+
+def load(args: dict) -> AppConfig:
+    return AppConfig.from_args({**args, "tenants_file": str(ROOT / args["tenants_file"])})
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_shipped_configs_validate(path):
+    cfg = load(app_args(path))
+    assert cfg.tenants and cfg.adapters
+    assert all(len(d) == 64 for t in cfg.tenants for d in t.api_key_sha256)
+
+
+def test_gpu_config_builds_the_app_graph_without_starting_engines():
+    from ray.serve import Application
+
+    from app.main import build_app
+
+    args = app_args("serve_config.gpu.yaml")
+    app = build_app({**args, "tenants_file": str(ROOT / args["tenants_file"])})
+    assert isinstance(app, Application)
+    engine = app._bound_deployment.init_args[0]._bound_deployment  # Router.bind(engine, config)
+    assert engine.ray_actor_options["num_gpus"] == 1
+    assert engine._deployment_config.autoscaling_config.max_replicas == 8
+    router_cfg = engine._deployment_config.request_router_config
+    assert router_cfg.request_router_class == "app.routing:AdapterAffinityRouter"
+
+
+def _error_locations(exc: ValidationError) -> list[str]:
+    return [".".join(str(x) for x in e["loc"]) for e in exc.errors()]
+
+
+@pytest.mark.parametrize(
+    ("args", "location"),
+    [
+        ({"engine": {"max_loras": 0}}, "engine.max_loras"),
+        ({"engine": {"dtype": "int3"}}, "engine.dtype"),
+        ({"engine": {"max_lora_rank": "big"}}, "engine.max_lora_rank"),
+        ({"deployment": {"num_replicas": "many"}}, "deployment.num_replicas"),
+        ({"tenants": [{"name": "a", "api_key_sha256": ["not-a-digest"]}]}, "tenants.0.api_key_sha256"),
+        ({"tenants": [{"name": "bad name!", "api_key_sha256": [SHA]}]}, "tenants.0.name"),
+        ({"adapters": [{"name": "x", "path": "/p"}]}, "adapters.0"),
+        ({"engine": {"unknown_knob": 1}}, "engine.unknown_knob"),
+    ],
+)
+def test_bad_fields_are_named(args, location):
+    with pytest.raises(ValidationError) as info:
+        AppConfig.from_args(args)
+    assert any(loc.startswith(location) for loc in _error_locations(info.value)), info.value
+
+
+def test_adapter_owner_must_be_a_tenant():
+    with pytest.raises(ValidationError, match="owner 'globx' is not a declared tenant"):
+        AppConfig.from_args({
+            "tenants": [{"name": "globex", "api_key_sha256": [SHA]}],
+            "adapters": [{"name": "legal", "path": "/p", "owner": "globx"}],
+        })  # fmt: skip
+
+
+def test_duplicate_keys_across_tenants_are_rejected_without_echoing_them():
+    with pytest.raises(ValidationError) as info:
+        AppConfig.from_args({
+            "tenants": [{"name": "a", "api_key_sha256": [SHA]}, {"name": "b", "api_key_sha256": [SHA]}],
+        })  # fmt: skip
+    assert "duplicate entry in api_key_sha256" in str(info.value)
+    assert SHA not in str(info.value).split("input_value")[0]
+
+
+def test_cpu_lora_cache_must_hold_the_slots():
+    with pytest.raises(ValidationError, match="max_cpu_loras must be >= max_loras"):
+        AppConfig.from_args({"engine": {"max_loras": 8, "max_cpu_loras": 4}})

@@ -1,0 +1,60 @@
+"""The adapter-affinity tiers of app.routing.AdapterAffinityRouter, on stand-in replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ray.serve._private.request_router.common import ReplicaQueueLengthCache
+
+from app.engine import STAT_ACCELERATOR_ADAPTERS, STAT_CPU_ADAPTERS
+from app.routing import AdapterAffinityRouter
+
+
+@dataclass(frozen=True)
+class FakeReplica:  # the two attributes the ranking reads from a RunningReplica
+    replica_id: str
+    routing_stats: dict = field(default_factory=dict, hash=False, compare=False)
+
+
+def make_router(threshold=2, queue_lens=None) -> AdapterAffinityRouter:
+    router = object.__new__(AdapterAffinityRouter)  # no Ray controller needed for ranking
+    router._replica_queue_len_cache = ReplicaQueueLengthCache()
+    for rid, n in (queue_lens or {}).items():
+        router._replica_queue_len_cache.update(rid, n)
+    router.initialize_state(imbalance_threshold=threshold)
+    return router
+
+
+GPU = FakeReplica("gpu", {STAT_ACCELERATOR_ADAPTERS: ["a"], STAT_CPU_ADAPTERS: ["a", "b"]})
+CPU = FakeReplica("cpu", {STAT_ACCELERATOR_ADAPTERS: [], STAT_CPU_ADAPTERS: ["a"]})
+COLD = FakeReplica("cold", {})
+ALL = [COLD, CPU, GPU]
+
+
+def ids(tiers):
+    return [[r.replica_id for r in tier] for tier in tiers]
+
+
+def test_accelerator_then_cpu_then_everyone():
+    assert ids(make_router().rank(ALL, "a")) == [["gpu"], ["cpu"], ["cold", "cpu", "gpu"]]
+
+
+def test_adapter_nowhere_or_base_model_goes_anywhere():
+    assert ids(make_router().rank(ALL, "zzz")) == [["cold", "cpu", "gpu"]]
+    assert ids(make_router().rank(ALL, "")) == [["cold", "cpu", "gpu"]]
+
+
+def test_load_bound_drops_an_overloaded_holder():
+    router = make_router(threshold=2, queue_lens={"gpu": 5, "cpu": 1, "cold": 0})
+    assert ids(router.rank(ALL, "a")) == [["cpu"], ["cold", "cpu", "gpu"]]
+
+
+def test_recent_routes_count_as_resident_before_stats_arrive():
+    router = make_router()
+
+    class Pending:
+        class metadata:
+            multiplexed_model_id = "new"
+
+    router.on_request_routed(Pending, "cold", None)
+    assert ids(router.rank(ALL, "new")) == [["cold"], ["cold", "cpu", "gpu"]]

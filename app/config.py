@@ -90,6 +90,15 @@ class EngineDeploymentConfig(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict)
 
 
+class RouterDeploymentConfig(_Strict):
+    """Ray Serve settings of the HTTP ingress. It only awaits engines, so one replica holds many
+    requests; more replicas add HTTP parsing capacity, not model capacity."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=1024, ge=1)
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5})
+
+
 class RoutingConfig(_Strict):
     # An adapter-holding replica is preferred only while its queue is at most this much longer
     # than the least-loaded replica's; beyond that the request goes where capacity is.
@@ -100,6 +109,7 @@ class RoutingConfig(_Strict):
 class AppConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
+    router: RouterDeploymentConfig = Field(default_factory=RouterDeploymentConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
     adapters: list[AdapterConfig] = Field(default_factory=list)

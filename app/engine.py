@@ -10,6 +10,7 @@ adapters loaded on demand from the catalog, and the replica's state published fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -113,6 +114,7 @@ class LLMEngine:
         self.serving_chat = None
         self.serving_completion = None
         self.models = None
+        self._adapter_locks: dict[str, asyncio.Lock] = {}
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -154,9 +156,12 @@ class LLMEngine:
         path = self.adapter_paths.get(name)
         if path is None:  # the router resolved it, so the catalogs disagree: a deploy bug
             raise KeyError(f"adapter {name!r} is not in this replica's catalog")
-        result = await self.models.load_lora_adapter(
-            LoadLoRAAdapterRequest(lora_name=name, lora_path=path)
-        )
+        async with self._adapter_locks.setdefault(name, asyncio.Lock()):
+            if name in self.models.lora_requests:  # a concurrent request loaded it meanwhile
+                return None
+            result = await self.models.load_lora_adapter(
+                LoadLoRAAdapterRequest(lora_name=name, lora_path=path)
+            )
         return result if not isinstance(result, str) else None
 
     async def cpu_resident_adapters(self) -> list[str]:
@@ -191,7 +196,11 @@ class EngineDeployment:
             return
         serving = self.llm.serving_chat if kind == "chat" else self.llm.serving_completion
         create = serving.create_chat_completion if kind == "chat" else serving.create_completion
-        result = await create(request, None)
+        try:
+            result = await create(request, None)
+        except Exception as exc:  # noqa: BLE001 - vLLM maps its validation errors to 400s
+            # The same mapping vLLM's own API server applies to exceptions from these calls.
+            result = serving.create_error_response(exc)
         if hasattr(result, "__aiter__"):
             async for chunk in result:
                 yield ("sse", chunk)

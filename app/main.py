@@ -37,4 +37,9 @@ def build_app(args: dict[str, Any]) -> Application:
     else:
         options["num_replicas"] = dep.num_replicas
     engine = EngineDeployment.options(**options).bind(config)
-    return Router.bind(engine, config)
+    router = cfg.router
+    return Router.options(
+        num_replicas=router.num_replicas,
+        max_ongoing_requests=router.max_ongoing_requests,
+        ray_actor_options=router.ray_actor_options,
+    ).bind(engine, config)

@@ -154,7 +154,7 @@ class Router:
             _, replica_id = await replies.__anext__()
             first_kind, payload = await replies.__anext__()
         except (BackPressureError, DeploymentUnavailableError) as exc:
-            replies.cancel()
+            # Rejected before reaching a replica: nothing to cancel.
             logger.warning("no engine replica can take the request: %s", type(exc).__name__)
             return error_response(
                 HTTPStatus.SERVICE_UNAVAILABLE,

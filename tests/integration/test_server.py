@@ -1,0 +1,290 @@
+"""The real application (Ray Serve + 2 vLLM CPU engine replicas + our plugin), over HTTP, with the
+official `openai` client and httpx. Started once for the module.
+
+Engines run fp32 and greedy so that a request's tokens do not depend on what it is batched with:
+"each tenant gets its own adapter" is checked as "concurrent output == output alone", after
+checking that the adapters' outputs all differ (so a swap could not go unnoticed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+from collections import Counter
+
+import httpx
+import openai
+import pytest
+
+from app.builtin_model import DEMO_ADAPTERS
+
+pytestmark = pytest.mark.engine
+
+PORT = 8765
+BASE_URL = f"http://127.0.0.1:{PORT}"
+KEYS = {"acme": "sk-acme-demo", "globex": "sk-globex-demo", "initech": "sk-initech-demo",
+        "umbrella": "sk-umbrella-demo"}  # fmt: skip
+OWN_ADAPTER = {"acme": "acme-support", "globex": "globex-legal", "initech": "initech-code",
+               "umbrella": "umbrella-med"}  # fmt: skip
+BASE = "builtin-moe"
+MAX_MODEL_LEN = 256
+MESSAGES = [{"role": "user", "content": "Where is my order?"}]
+
+
+def app_args() -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "tenants.demo.yaml").read_text())
+    return {
+        "engine": {
+            "model": "builtin", "served_model_name": BASE, "dtype": "float32",
+            "max_loras": 2, "max_cpu_loras": 3,  # 5 adapters: more than slots and CPU cache
+            "max_lora_rank": 16, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 16,
+            "enforce_eager": True,
+        },
+        "deployment": {
+            "num_replicas": 2, "max_ongoing_requests": 6, "max_queued_requests": 16,
+            "ray_actor_options": {"num_cpus": 1},
+        },
+        "routing": {"imbalance_threshold": 2, "stats_period_s": 0.5},
+        "tenants": demo["tenants"],
+        "adapters": demo["adapters"],
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(builtin):
+    import ray
+    from ray import serve
+
+    from app.main import build_app
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(app_args()), name="moelora", route_prefix="/")
+    yield BASE_URL
+    serve.shutdown()
+    ray.shutdown()
+
+
+def client(tenant: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key=KEYS[tenant], max_retries=0)
+
+
+def chat_text(tenant: str, model: str, max_tokens: int = 16) -> str:
+    out = client(tenant).chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    return out.choices[0].message.content
+
+
+def post(path: str, body, key: str | None = "sk-acme-demo", **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if not isinstance(body, (str, bytes)):
+        body = json.dumps(body)
+    return httpx.post(f"{BASE_URL}{path}", content=body, headers=headers, timeout=60, **kw)
+
+
+def chat_body(**overrides) -> dict:
+    return {"model": BASE, "messages": MESSAGES, "max_tokens": 4, **overrides}
+
+
+# ---- the API ---------------------------------------------------------------------------------
+
+
+def test_models_lists_base_own_and_shared_adapters_only(server):
+    models = {m.id: m for m in client("acme").models.list().data}
+    assert set(models) == {BASE, "acme-support", "shared-assistant"}
+    assert models["acme-support"].parent == BASE
+
+
+def test_chat_non_streaming_reports_usage(server):
+    out = client("acme").chat.completions.create(
+        model="acme-support", messages=MESSAGES, max_tokens=7, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert out.object == "chat.completion" and out.model == "acme-support"
+    assert out.choices[0].finish_reason == "length" and out.choices[0].message.content
+    assert out.usage.completion_tokens == 7
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 7
+
+
+def test_streaming_gives_the_same_text_as_non_streaming(server):
+    stream = client("globex").chat.completions.create(
+        model="globex-legal", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat_text("globex", "globex-legal", max_tokens=12)
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_completions_endpoint(server):
+    out = client("initech").completions.create(
+        model="initech-code", prompt="The router sends", max_tokens=5, temperature=0
+    )
+    assert out.object == "text_completion" and out.usage.completion_tokens <= 5
+    assert out.choices[0].text
+
+
+def test_tenants_concurrently_each_get_their_own_adapter(server):
+    jobs = [(t, OWN_ADAPTER[t]) for t in KEYS] + [("acme", BASE), ("globex", "shared-assistant")]
+    alone = {job: chat_text(*job, max_tokens=24) for job in jobs}
+    distinct = [text for (_, model), text in alone.items() if model != "shared-assistant"]
+    assert len(set(distinct)) == len(distinct), "adapters must be distinguishable"
+    # shared-assistant serves initech-code's weights under another name (tenants.demo.yaml).
+    assert alone[("globex", "shared-assistant")] == alone[("initech", "initech-code")]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs) * 2) as pool:
+        futures = {pool.submit(chat_text, *job, 24): job for job in jobs * 2}
+        for future, job in futures.items():
+            assert future.result() == alone[job], f"{job} differs when batched with others"
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def assert_openai_error(resp: httpx.Response, status: int, err_type: str | None = None):
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["code"] == status and err["message"]
+    if err_type:
+        assert err["type"] == err_type
+    return err
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong", ""])
+def test_missing_or_bad_key_is_401(server, key):
+    resp = post("/v1/chat/completions", chat_body(), key=key)
+    assert_openai_error(resp, 401, "AuthenticationError")
+    assert httpx.get(f"{BASE_URL}/v1/models").status_code == 401
+
+
+def test_tenant_header_alone_grants_nothing(server):
+    resp = httpx.post(f"{BASE_URL}/v1/chat/completions", json=chat_body(),
+                      headers={"X-Tenant": "acme", "OpenAI-Organization": "acme"})  # fmt: skip
+    assert_openai_error(resp, 401)
+
+
+def test_foreign_adapter_is_answered_exactly_like_an_unknown_model(server):
+    foreign = post("/v1/chat/completions", chat_body(model="globex-legal"))
+    unknown = post("/v1/chat/completions", chat_body(model="nosuch-model"))  # same length
+    assert foreign.status_code == unknown.status_code == 404
+    assert foreign.json() == json.loads(unknown.text.replace("nosuch-model", "globex-legal"))
+    assert assert_openai_error(foreign, 404)["param"] == "model"
+    shown = lambda r: {k: v for k, v in r.headers.items() if k not in ("date", "x-request-id")}  # noqa: E731
+    assert shown(foreign) == shown(unknown)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "{not json",
+        "[1, 2]",
+        {"model": BASE},  # no messages
+        {"model": BASE, "messages": []},
+        {"model": BASE, "messages": "hello"},
+        {"model": BASE, "messages": MESSAGES, "max_tokens": "ten"},
+        {"model": 42, "messages": MESSAGES},
+        chat_body(max_tokens=0),
+        chat_body(max_tokens=-5),
+        chat_body(max_tokens=MAX_MODEL_LEN * 4),  # over the context
+        chat_body(n=0),
+        chat_body(temperature=-1.0),
+        chat_body(top_p=1.5),
+    ],
+    ids=["bad-json", "not-object", "no-messages", "empty-messages", "messages-str",
+         "max-tokens-str", "model-int", "max-tokens-0", "max-tokens-neg", "over-context", "n-0",
+         "temperature-neg", "top-p-1.5"],
+)
+def test_invalid_bodies_are_400(server, body):
+    assert_openai_error(post("/v1/chat/completions", body), 400)
+
+
+def test_bad_requests_do_not_hurt_the_replicas(server):
+    served = Counter()
+    for _ in range(8):
+        resp = post("/v1/chat/completions", chat_body())
+        assert resp.status_code == 200
+        served[resp.headers["x-served-by"]] += 1
+    assert httpx.get(f"{BASE_URL}/health").status_code == 200
+
+
+def test_503_with_retry_after_when_no_replica_can_take_more(server):
+    # 2 replicas x 6 ongoing + 16 queued = 28 requests can be held; send 60 long ones at once.
+    async def one(http: httpx.AsyncClient):
+        body = chat_body(model="acme-support", max_tokens=120, ignore_eos=True)
+        return await http.post("/v1/chat/completions", json=body,
+                               headers={"Authorization": "Bearer sk-acme-demo"})  # fmt: skip
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=BASE_URL, timeout=300) as http:
+            return await asyncio.gather(*(one(http) for _ in range(60)))
+
+    results = asyncio.run(burst())
+    statuses = Counter(r.status_code for r in results)
+    assert set(statuses) <= {200, 503}, (statuses, [r.text for r in results if r.status_code not in (200, 503)][:2])
+    assert statuses[503] > 0 and statuses[200] >= 12, statuses
+    rejected = next(r for r in results if r.status_code == 503)
+    assert int(rejected.headers["retry-after"]) >= 1
+    assert_openai_error(rejected, 503, "ServiceUnavailableError")
+    assert post("/v1/chat/completions", chat_body()).status_code == 200  # recovered
+
+
+# ---- routing ---------------------------------------------------------------------------------
+
+
+def served_by(tenant: str, model: str) -> str:
+    resp = post("/v1/chat/completions", chat_body(model=model), key=KEYS[tenant])
+    assert resp.status_code == 200, resp.text
+    return resp.headers["x-served-by"]
+
+
+def test_requests_for_a_resident_adapter_go_to_its_replica(server):
+    """5 adapters, 2 slots per replica. With the default power-of-two router each request would
+    land on either replica (p = 1/2 each): 4 x 5 follow-ups all on the first replica would be
+    chance with probability 2^-20."""
+    jobs = [(t, OWN_ADAPTER[t]) for t in KEYS] + [("acme", "shared-assistant")]
+    for tenant, adapter in jobs:
+        first = served_by(tenant, adapter)
+        followers = {served_by(tenant, adapter) for _ in range(4)}
+        assert followers == {first}, f"{adapter}: first on {first}, then {followers}"
+
+
+def test_a_popular_adapter_spreads_when_its_replica_is_busy(server):
+    """The load bound: a burst for one adapter may not pile onto one replica."""
+    adapter = "umbrella-med"
+    served_by("umbrella", adapter)  # make it resident somewhere
+
+    async def one(http):
+        body = chat_body(model=adapter, max_tokens=60, ignore_eos=True)
+        r = await http.post("/v1/chat/completions", json=body,
+                            headers={"Authorization": "Bearer sk-umbrella-demo"})  # fmt: skip
+        return r.headers.get("x-served-by")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=BASE_URL, timeout=300) as http:
+            return await asyncio.gather(*(one(http) for _ in range(10)))
+
+    replicas = Counter(asyncio.run(burst()))
+    assert len(replicas) == 2 and None not in replicas, replicas
+
+
+def test_adapters_are_listed_as_resident_by_the_engines(server):
+    """Routing stats published by each engine replica name the adapters it holds."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMEngine", app_name="moelora")
+    stats = handle.record_routing_stats.remote().result()
+    assert stats["cpu_adapters"] and set(stats["cpu_adapters"]) <= set(OWN_ADAPTER.values()) | {
+        "shared-assistant"
+    }
+    assert len(stats["accelerator_adapters"]) <= 2
+    assert {a.name for a in DEMO_ADAPTERS} >= set(stats["accelerator_adapters"]) - {
+        "shared-assistant"
+    }

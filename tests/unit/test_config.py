@@ -39,7 +39,9 @@ def test_gpu_config_builds_the_app_graph_without_starting_engines():
     assert isinstance(app, Application)
     engine = app._bound_deployment.init_args[0]._bound_deployment  # Router.bind(engine, config)
     assert engine.ray_actor_options["num_gpus"] == 1
-    assert engine._deployment_config.autoscaling_config.max_replicas == 8
+    autoscaling = engine._deployment_config.autoscaling_config
+    assert autoscaling.max_replicas == 8
+    assert autoscaling.policy.policy_function == "app.autoscaling:utilization_policy"
     router_cfg = engine._deployment_config.request_router_config
     assert router_cfg.request_router_class == "app.routing:AdapterAffinityRouter"
 

@@ -11,6 +11,7 @@ adapters loaded on demand from the catalog, and the replica's state published fo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -93,13 +94,15 @@ def vllm_cli_args(cfg: EngineConfig) -> list[str]:
     }
     flags = []
     for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is False or value is None:
+        name = key.replace("_", "-")
+        if value is None:
             continue
+        if isinstance(value, bool):  # vLLM's boolean flags all accept the --no- form
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        elif isinstance(value, (dict, list)):
+            flags += [f"--{name}", json.dumps(value)]
         else:
-            flags += [flag, str(value)]
+            flags += [f"--{name}", str(value)]
     return flags
 
 

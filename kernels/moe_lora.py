@@ -78,7 +78,7 @@ def add_moe_lora_w13(
     backend: str | None = None,
 ) -> None:
     """out[m, k, i*N:(i+1)*N] += lora_b[i][s, e] @ (lora_a[i][s, e] @ x[m]) for s = token_slots[m],
-    e = topk_ids[m, k}, over slices i; nothing for s < 0 or disabled slots."""
+    e = topk_ids[m, k], over slices i; nothing for s < 0 or disabled slots."""
     _check_common(topk_ids, token_slots, lora_a, lora_b)
     m, top_k = topk_ids.shape
     n = lora_b[0].shape[2]

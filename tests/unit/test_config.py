@@ -89,3 +89,18 @@ def test_duplicate_keys_across_tenants_are_rejected_without_echoing_them():
 def test_cpu_lora_cache_must_hold_the_slots():
     with pytest.raises(ValidationError, match="max_cpu_loras must be >= max_loras"):
         AppConfig.from_args({"engine": {"max_loras": 8, "max_cpu_loras": 4}})
+
+
+def test_engine_config_becomes_vllm_flags_parsed_by_vllm():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from app.config import EngineConfig
+    from app.engine import vllm_cli_args
+
+    cfg = EngineConfig(model="/m", max_loras=3, enforce_eager=False,
+                       extra_args={"enable_prefix_caching": False, "max_num_batched_tokens": 4096})  # fmt: skip
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(cfg))
+    assert (args.model, args.max_loras, args.enable_lora) == ("/m", 3, True)
+    assert args.enforce_eager is False and args.enable_prefix_caching is False
+    assert args.max_num_batched_tokens == 4096

@@ -10,6 +10,10 @@ On CPU it installs:
     and which implements the MoE-LoRA methods (add_lora_w13 / add_lora_w2) with our op;
   * an experts backend chosen for unquantized MoE whenever LoRA is enabled, replacing vLLM's
     choice of Triton experts (which cannot run on CPU).
+
+On CUDA it replaces PunicaWrapperGPU.add_lora_w13 / add_lora_w2 (the MoE-LoRA hooks of vLLM's
+Triton experts) with our Triton op (kernels/triton_moe_lora.py); the argument mapping lives in
+kernels/vllm_plugin/cuda_moe.py. Expert parallelism and fully sharded LoRA keep vLLM's own path.
 """
 
 from __future__ import annotations
@@ -65,6 +69,63 @@ def _install_cpu() -> None:
     umm.select_unquantized_moe_backend = select_unquantized_moe_backend
 
 
+def _install_cuda() -> None:
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    from kernels.vllm_plugin import cuda_moe
+
+    vllm_w13 = PunicaWrapperGPU.add_lora_w13
+    vllm_w2 = PunicaWrapperGPU.add_lora_w2
+
+    def add_lora_w13(
+        self, y, x, lora_a_stacked, lora_b_stacked, topk_ids, topk_weights, expert_map, w1, w2,
+        num_tokens, top_k_num, max_loras, adapter_enabled, local_num_experts, top_k, num_slices,
+        fully_sharded, use_tuned_config, add_inputs=True, token_lora_mapping=None,
+    ):  # fmt: skip
+        self._moe_lora_ours = cuda_moe.supported(expert_map, fully_sharded)
+        if not self._moe_lora_ours:
+            return vllm_w13(
+                self, y, x, lora_a_stacked, lora_b_stacked, topk_ids, topk_weights, expert_map,
+                w1, w2, num_tokens, top_k_num, max_loras, adapter_enabled, local_num_experts,
+                top_k, num_slices, fully_sharded, use_tuned_config, add_inputs=add_inputs,
+                token_lora_mapping=token_lora_mapping,
+            )  # fmt: skip
+        meta = self.token_mapping_meta.meta_args(num_tokens, self.lora_config.specialize_active_lora)
+        if token_lora_mapping is None:
+            token_lora_mapping = meta[0]
+        # meta[5] is vLLM's CPU-side "no token has an adapter" flag (no device sync). When it is
+        # set vLLM does not refresh token_lora_mapping, so it must not be read.
+        return cuda_moe.add_lora_w13(
+            y, x, lora_a_stacked, lora_b_stacked, topk_ids, token_lora_mapping, adapter_enabled,
+            top_k_num, add_inputs=add_inputs, no_lora=bool(meta[5][0]),
+        )  # fmt: skip
+
+    def add_lora_w2(
+        self, y, x, lora_a_stacked, lora_b_stacked, topk_weights, sorted_token_ids_lora,
+        expert_ids_lora, num_tokens_post_padded_lora, token_lora_mapping, num_tokens, w1, w2,
+        top_k_num, max_loras, adapter_enabled, top_k, fully_sharded, tp_rank, use_tuned_config,
+        add_inputs=True,
+    ):  # fmt: skip
+        if not getattr(self, "_moe_lora_ours", False) or fully_sharded:
+            return vllm_w2(
+                self, y, x, lora_a_stacked, lora_b_stacked, topk_weights, sorted_token_ids_lora,
+                expert_ids_lora, num_tokens_post_padded_lora, token_lora_mapping, num_tokens,
+                w1, w2, top_k_num, max_loras, adapter_enabled, top_k, fully_sharded, tp_rank,
+                use_tuned_config, add_inputs=add_inputs,
+            )  # fmt: skip
+        meta = self.token_mapping_meta.meta_args(num_tokens, self.lora_config.specialize_active_lora)
+        cuda_moe.add_lora_w2(
+            y, x, lora_a_stacked, lora_b_stacked, topk_weights,
+            (sorted_token_ids_lora, expert_ids_lora, num_tokens_post_padded_lora,
+             token_lora_mapping),
+            adapter_enabled, num_tokens, top_k_num, add_inputs=add_inputs,
+            no_lora=bool(meta[5][0]),
+        )  # fmt: skip
+
+    PunicaWrapperGPU.add_lora_w13 = add_lora_w13
+    PunicaWrapperGPU.add_lora_w2 = add_lora_w2
+
+
 def register() -> None:
     """The `vllm.general_plugins` entry point. Idempotent."""
     global _installed
@@ -75,4 +136,6 @@ def register() -> None:
 
     if current_platform.is_cpu():
         _install_cpu()
+    elif current_platform.is_cuda():
+        _install_cuda()
     _installed = True

@@ -1,0 +1,84 @@
+"""vLLM's MoE-LoRA hooks on CUDA (PunicaWrapperGPU.add_lora_w13 / add_lora_w2) -> our op.
+
+Pure functions of tensors: no vLLM import, so the argument mapping is tested without vLLM
+(kernels/tests/test_cuda_contract.py checks it against vLLM's own op on a GPU).
+
+vLLM 0.32.0's contract at the two hooks:
+  * w13: y [num_tokens * top_k_num, n_slices * N] (viewed [num_tokens, top_k_num, -1]),
+    x [num_tokens, H], lora_a/b_stacked tuples of [max_loras, E, R, H] / [max_loras, E, N, R],
+    topk_ids [num_tokens, top_k_num], token_lora_mapping [num_tokens] (-1 = no adapter),
+    adapter_enabled [max_loras + 1]. Slice i is added at columns [i*N, (i+1)*N).
+    add_inputs=False (dual-stream) means "write the delta only"; y is a zeroed buffer then.
+    Returns a 4-tuple that vLLM passes, untouched, to add_lora_w2.
+  * w2: y [num_tokens, top_k_num, H], x [num_tokens * top_k_num, I], lora tuples of one
+    tensor, topk_weights [num_tokens, top_k_num]; the delta is scaled by the routing weight.
+
+Our 4-tuple: (Routing, topk_ids.flatten(), None, token_lora_mapping). The Routing object
+rides in vLLM's `sorted_token_ids_lora` position so w2 reuses w13's grouping; vLLM never
+looks inside it. Expert parallelism (expert_map) and fully sharded LoRA are not supported by
+our op: the caller falls back to vLLM's own implementation for those (supported() says when).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kernels import triton_moe_lora
+
+
+def supported(expert_map, fully_sharded: bool) -> bool:
+    return expert_map is None and not fully_sharded
+
+
+def add_lora_w13(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    topk_ids: torch.Tensor,
+    token_lora_mapping: torch.Tensor,
+    adapter_enabled: torch.Tensor,
+    top_k_num: int,
+    add_inputs: bool = True,
+    no_lora: bool = False,
+) -> tuple:
+    num_tokens = x.shape[0]
+    out = y.view(num_tokens, top_k_num, -1)
+    mapping = token_lora_mapping[:num_tokens]
+    routing = None
+    if not add_inputs:
+        out.zero_()
+    if not no_lora:
+        routing = triton_moe_lora.add_moe_lora_w13(
+            out, x, topk_ids, mapping, lora_a_stacked, lora_b_stacked, adapter_enabled
+        )
+    return routing, topk_ids.reshape(-1), None, mapping
+
+
+def add_lora_w2(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    topk_weights: torch.Tensor,
+    w13_result: tuple,
+    adapter_enabled: torch.Tensor,
+    num_tokens: int,
+    top_k_num: int,
+    add_inputs: bool = True,
+    no_lora: bool = False,
+) -> None:
+    routing, flat_topk_ids, _, mapping = w13_result
+    out = y.view(num_tokens, top_k_num, -1)
+    if not add_inputs:
+        out.zero_()
+    if no_lora:
+        return
+    topk_ids = flat_topk_ids.view(num_tokens, top_k_num)
+    triton_moe_lora.add_moe_lora_w2(
+        out, x, topk_ids, topk_weights, mapping[:num_tokens], lora_a_stacked[0],
+        lora_b_stacked[0], adapter_enabled,
+        routing=routing if isinstance(routing, triton_moe_lora.Routing) else None,
+    )  # fmt: skip

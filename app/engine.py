@@ -192,6 +192,8 @@ class EngineDeployment:
 
     async def generate(self, kind: str, request, adapter: str | None) -> AsyncIterator:
         """kind: "chat" or "completion"; request: the vLLM protocol request object."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
         yield ("replica", self.replica_id)
         error = await self.llm.ensure_adapter(adapter)
         if error is not None:
@@ -207,7 +209,7 @@ class EngineDeployment:
         if hasattr(result, "__aiter__"):
             async for chunk in result:
                 yield ("sse", chunk)
-        elif type(result).__name__ == "ErrorResponse":
+        elif isinstance(result, ErrorResponse):
             yield ("error", result.model_dump())
         else:
             yield ("json", result.model_dump(exclude_none=False))

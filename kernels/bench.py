@@ -205,21 +205,23 @@ def run_ours(opts, o13, o2, x, hh, topk_ids, slots, topk_w, w, enabled, num_slot
     """One layer call of our op (w13, then w2 reusing w13's routing) under a variant:
     mode/router/block_m force the routing, path forces the kernels, pdl/prefetch override the
     module switches."""
-    saved = ours.PDL, ours.PREFETCH
+    saved = ours.PDL, ours.PREFETCH, ours.TILE_OVERRIDE
     ours.PDL = opts.get("pdl", ours.PDL)
     ours.PREFETCH = opts.get("prefetch", ours.PREFETCH)
+    ours.TILE_OVERRIDE = {k: opts[k] for k in ("waves", "shrink", "expand") if k in opts}
     try:
         routing = None
         if opts.get("mode") or opts.get("block_m") or opts.get("router"):
             routing = ours.build_routing(topk_ids, slots, enabled, num_slots, experts,
                                          mode=opts.get("mode"), block_m=opts.get("block_m"),
-                                         router=opts.get("router"))  # fmt: skip
+                                         router=opts.get("router"),
+                                         rank=w["a13"][0].shape[2])  # fmt: skip
         r = ours.add_moe_lora_w13(o13, x, topk_ids, slots, w["a13"], w["b13"], enabled,
                                   routing=routing, path=opts.get("path"))  # fmt: skip
         ours.add_moe_lora_w2(o2, hh, topk_ids, topk_w, slots, w["a2"], w["b2"], enabled,
                              routing=r, path=opts.get("path"))  # fmt: skip
     finally:
-        ours.PDL, ours.PREFETCH = saved
+        ours.PDL, ours.PREFETCH, ours.TILE_OVERRIDE = saved
 
 
 def check_case(vllm, model, rank, m, n_act, gen, variants):
@@ -468,10 +470,50 @@ def tune_variants(model, rank, n_act, m):
         v["naive"] = TUNE_VARIANTS["naive"]
         v["grouped"] = TUNE_VARIANTS["grouped"]
     else:
-        bm = ours._grouped_block_m(p, n_act * spec["experts"])
+        bm = ours._grouped_block_m(p, n_act * spec["experts"], rank)
         for alt in (bm // 2, bm * 2):
             if 16 <= alt <= 64:
                 v[f"bm{alt}"] = dict(mode="grouped", block_m=alt)
+    return v
+
+
+# --probe: the cells below 50% of the floor at M >= 256 (first H200 pass), their neighbours,
+# the cells of the rank-aware routing rule, and two decode cells as a regression check.
+PROBE_CELLS = [
+    ("gpt-oss-20b", 16, 1, 1), ("gpt-oss-20b", 16, 1, 256), ("gpt-oss-20b", 16, 1, 1024),
+    ("gpt-oss-20b", 16, 1, 4096),
+    ("gpt-oss-20b", 16, 4, 256), ("gpt-oss-20b", 16, 4, 1024),
+    ("gpt-oss-20b", 16, 8, 256),
+    ("gpt-oss-20b", 16, 32, 256),
+    ("gpt-oss-20b", 64, 1, 256), ("gpt-oss-20b", 64, 1, 1024), ("gpt-oss-20b", 64, 1, 4096),
+    ("gpt-oss-20b", 64, 4, 16), ("gpt-oss-20b", 64, 4, 1024),
+    ("gpt-oss-20b", 64, 8, 64),
+    ("gpt-oss-20b", 64, 32, 256),
+    ("qwen3-30b-a3b", 16, 1, 256), ("qwen3-30b-a3b", 16, 1, 1024),
+    ("qwen3-30b-a3b", 16, 4, 256),
+    ("qwen3-30b-a3b", 16, 8, 1024),
+    ("qwen3-30b-a3b", 16, 32, 256),
+    ("qwen3-30b-a3b", 64, 1, 256), ("qwen3-30b-a3b", 64, 1, 1024), ("qwen3-30b-a3b", 64, 1, 4096),
+    ("qwen3-30b-a3b", 64, 4, 16), ("qwen3-30b-a3b", 64, 4, 64),
+    ("qwen3-30b-a3b", 64, 32, 256),
+]
+
+
+def probe_variants(model, rank, n_act, m):
+    v = {"auto": {}}
+    if m <= 64 or n_act == 32:
+        v["naive"] = dict(path="tile", mode="naive")
+        v["grouped"] = dict(path="tile", mode="grouped")
+    if m >= 256:
+        for bm in (16, 32, 64):
+            v[f"bm{bm}"] = dict(mode="grouped", block_m=bm)
+        v["bm32nopf"] = dict(mode="grouped", block_m=32, prefetch=False)
+        v["bm64nopf"] = dict(mode="grouped", block_m=64, prefetch=False)
+        v["w4"] = dict(mode="grouped", waves=4)
+        v["w4bm16"] = dict(mode="grouped", block_m=16, waves=4)
+        v["xw"] = dict(mode="grouped", block_m=32, expand=dict(BLOCK_N=128, num_warps=8))
+        if m * MODELS[model]["top_k"] <= 2048:
+            v["count"] = dict(mode="grouped", router="count")
     return v
 
 
@@ -486,6 +528,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--probe", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--budget-s", type=float, default=480.0)
@@ -524,6 +567,10 @@ def main():
         plan += [(model, rank, 8, m) for model in MODELS for rank in GRID_RANKS
                  for m in (256, 4096)]  # fmt: skip
         skew_plan = []
+    elif args.probe:
+        variants = {}
+        plan = sorted(PROBE_CELLS, key=lambda c: (c[0], c[2], c[1], c[3]))  # one group at a time
+        skew_plan = []
     elif args.tune:  # every grid cell, with the variants kernels/tune_moe_lora.py compares
         variants = TUNE_VARIANTS
         plan = [(model, rank, n_act, m) for model in MODELS for rank in GRID_RANKS
@@ -551,16 +598,19 @@ def main():
                 v = {n: variants[n] for n in ("auto", "nopdl", "tile-grouped")}
             elif args.tune:
                 v = tune_variants(model, rank, n_act, m)
+            elif args.probe:
+                v = probe_variants(model, rank, n_act, m)
             else:
                 v = variants
             try:
-                r = time_cell(vllm, groups[key], m, skew, gen, l2, v, info["peak_copy_gbps"])
+                r = time_cell(None if args.probe else vllm, groups[key], m, skew, gen, l2, v,
+                              info["peak_copy_gbps"])  # fmt: skip
             except Exception as exc:  # noqa: BLE001
                 log(f"cell {model} r{rank} a{n_act} M{m} failed: {exc!r}")
                 continue
             r["our_path"] = our_path_name(model, rank, m, n_act)
             p_ = m * MODELS[model]["top_k"]
-            r["block_m"] = ours._grouped_block_m(p_, n_act * MODELS[model]["experts"])
+            r["block_m"] = ours._grouped_block_m(p_, n_act * MODELS[model]["experts"], rank)
             rows.append(r)
             extra = " ".join(f"{n}={r[f'ours_{n}_us']:.1f}" for n in v)
             log(f"[{time.time() - start:4.0f}s] {model} r{rank} a{n_act} M{m} "

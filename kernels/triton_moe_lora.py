@@ -33,11 +33,12 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
   ("grouped": each distinct block is read once for all its tokens).
 
 * Grouping runs on the GPU, without host sync, by one of two routers:
-    sort  (<= 2048 pairs): ONE program packs (key = slot*E + expert, pair) into an int32,
+    sort  (<= 1024 pairs): ONE program packs (key = slot*E + expert, pair) into an int32,
           tl.sort's it, finds each pair's rank inside its key run with a segmented scan and
           writes the tile table directly. At decode sizes a launch costs more than this work.
     count (larger): count (rank = atomic_add on the group counter) -> one-program exclusive
           scan that also writes the tile table -> scatter; plus the counters' zero-fill.
+  (A 2048-pair sort measured slower than the counting sort's four launches on the H200.)
   The tile table has a host-known upper bound (P/BLOCK_M + min(P, S*E)), so grids are fixed;
   programs past the device-side tile count exit at once. Order inside a group may vary, but
   each pair's result does not depend on its position: output is deterministic.
@@ -598,13 +599,22 @@ def _tuned() -> dict:
         "fused_max_pr": 0,
         "fused_max_pairs": 0,
         # naive (one pair per tile, no routing launch) iff P <= naive_max_pairs or
-        # P * naive_sparsity <= S * E (pairs rarely share a (slot, expert) block).
+        # P * naive_sparsity <= S * E (pairs rarely share a (slot, expert) block), unless
+        # P * rank >= grouped_min_pair_rank: big rank blocks make the naive re-reads cost more
+        # than the routing launch (second H200 pass: grouped 6-18% faster there).
         "naive_sparsity": 1,
         "naive_max_pairs": 0,
-        # one-launch sorting router up to this many pairs; counting sort beyond.
-        "small_route_max_pairs": 2048,
-        # programs each launch aims for, in multiples of the SM count.
+        "grouped_min_pair_rank": 16384,
+        # one-launch sorting router up to this many pairs; counting sort beyond (at 2048
+        # pairs the counting sort measured 8-12% faster per layer call, at 1024 6-13% slower).
+        "small_route_max_pairs": 1024,
+        # programs each launch aims for, in multiples of the SM count ...
         "waves": 2,
+        # ... and for grouped batches of >= waves_big_min_pairs pairs with rank <= 32 or
+        # BLOCK_M 16: few, long tiles there; more K/N splits shorten each program's chain.
+        "waves_big": 4,
+        "waves_big_min_pairs": 1024,
+        "waves_big_max_rank": 32,
         # expand-loop prefetch of the next B/out tiles from this many pairs up.
         "prefetch_min_pairs": 0,
         # programmatic dependent launch up to this many pairs.
@@ -613,6 +623,12 @@ def _tuned() -> dict:
         # (64 measured slower nearly everywhere: 8 warps at ~180 registers, 1 CTA per SM).
         "bm32_per_group": 12,
         "bm64_per_group": 1 << 30,
+        # ... BLOCK_M 32 only from this many pairs (fewer: BM16 gives more programs) ...
+        "bm32_min_pairs": 2048,
+        # ... and for rank >= 64, BLOCK_M 64 WITHOUT the expand prefetch from this many pairs
+        # per group (the prefetch's registers cost more than it hides at BM64).
+        "bm64_r64_per_group": 64,
+        "nopf_min_block_m": 64,
     }
     try:
         with open(_CONFIG_FILE) as f:
@@ -627,6 +643,9 @@ def _tuned() -> dict:
 PDL: bool | None = None if os.environ.get("MOELORA_PDL", "1") == "1" else False
 # Expand-loop prefetch of the next B/out tiles: None = the tuned default (_tuned()["prefetch"]).
 PREFETCH: bool | None = None
+# Benchmark-only overrides of the tile launch ("waves": programs per launch in SMs; "shrink" /
+# "expand": dicts merged into tile_config's). Empty in normal use.
+TILE_OVERRIDE: dict = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -676,42 +695,47 @@ class Routing:
     sorted_pairs: torch.Tensor | None = None
 
 
-def _grouped_block_m(num_pairs: int, num_groups: int) -> int:
+def _grouped_block_m(num_pairs: int, num_groups: int, rank: int | None = None) -> int:
     # Rows per tile ~ the expected pairs per (slot, expert) group: bigger tiles re-read each
     # block less often; 16 is the tensor-core minimum.
     cfg = _tuned()
     per_group = num_pairs / max(1, min(num_pairs, num_groups))
     if per_group >= cfg["bm64_per_group"]:
         return 64
-    if per_group >= cfg["bm32_per_group"]:
+    if rank is not None and rank >= 64 and per_group >= cfg["bm64_r64_per_group"]:
+        return 64
+    if per_group >= cfg["bm32_per_group"] and num_pairs >= cfg["bm32_min_pairs"]:
         return 32
     return 16
 
 
-def choose_mode(num_pairs: int, num_groups: int) -> str:
+def choose_mode(num_pairs: int, num_groups: int, rank: int | None = None) -> str:
     """naive (one pair per tile, no routing launch) while pairs rarely share a (slot, expert)
-    block or the batch is tiny; grouped (each distinct block read once) otherwise."""
+    block or the batch is tiny; grouped (each distinct block read once) otherwise. With the
+    rank known, large pairs x rank go grouped even when sparse."""
     cfg = _tuned()
     sparse = num_pairs * cfg["naive_sparsity"] <= num_groups
+    if rank is not None and num_pairs * rank >= cfg["grouped_min_pair_rank"]:
+        sparse = False
     return "naive" if (num_pairs <= cfg["naive_max_pairs"] or sparse) else "grouped"
 
 
 def plan_name(num_pairs: int, num_slots: int, num_experts: int, rank: int) -> str:
     """Human-readable name of what the automatic plan runs (benchmark tables)."""
     cfg = _tuned()
-    mode = choose_mode(num_pairs, num_slots * num_experts)
+    mode = choose_mode(num_pairs, num_slots * num_experts, rank)
     if mode == "naive" and num_pairs <= cfg["fused_max_pairs"] and num_pairs * rank <= cfg["fused_max_pr"]:
         return "fused"
     if mode == "naive":
         return "tile-naive"
-    bm = _grouped_block_m(num_pairs, num_slots * num_experts)
+    bm = _grouped_block_m(num_pairs, num_slots * num_experts, rank)
     router = "sort" if num_pairs <= cfg["small_route_max_pairs"] else "count"
     return f"tile-grouped-BM{bm}-{router}"
 
 
 def build_routing(topk_ids, token_slots, slot_enabled, num_slots: int, num_experts: int,
                   mode: str | None = None, block_m: int | None = None,
-                  router: str | None = None) -> Routing:  # fmt: skip
+                  router: str | None = None, rank: int | None = None) -> Routing:  # fmt: skip
     """Decide naive vs grouped; for grouped, group the pairs on the GPU, no host sync: the
     one-launch sorting router for small batches ("small"), else the counting sort ("count",
     three launches + a zero-fill)."""
@@ -720,10 +744,10 @@ def build_routing(topk_ids, token_slots, slot_enabled, num_slots: int, num_exper
     cfg = _tuned()
     num_groups = num_slots * num_experts
     if mode is None:
-        mode = choose_mode(p, num_groups)
+        mode = choose_mode(p, num_groups, rank)
     if mode == "naive":
         return Routing("naive", 16, p, p)
-    bm = block_m or _grouped_block_m(p, num_groups)
+    bm = block_m or _grouped_block_m(p, num_groups, rank)
     dev = topk_ids.device
     max_tiles = triton.cdiv(p, bm) + min(p, num_groups)
     pdl = _pdl_kw(dev, p)
@@ -817,7 +841,7 @@ def _launch(out, x, topk_ids, topk_weights, token_slots, lora_a, lora_b, slot_en
     dev = x.device
     sms = _num_sms(dev.index or 0) if dev.type == "cuda" else 4
     cfg = _tuned()
-    target = cfg["waves"] * sms
+    target = TILE_OVERRIDE.get("waves", cfg["waves"]) * sms
     block_r = _pow2_at_least(rank, 16)
     has_en = slot_enabled is not None
     enabled = slot_enabled if has_en else token_slots
@@ -849,14 +873,22 @@ def _launch(out, x, topk_ids, topk_weights, token_slots, lora_a, lora_b, slot_en
         return routing if routing is not None else Routing("naive", 16, p, p)
 
     if routing is None:
-        routing = build_routing(topk_ids, token_slots, slot_enabled, num_slots, num_experts)
+        routing = build_routing(topk_ids, token_slots, slot_enabled, num_slots, num_experts,
+                                rank=rank)  # fmt: skip
     naive = routing.mode == "naive"
     bm = routing.block_m
     tiles = routing.max_tiles
     # Expected live tiles (for sizing the splits): every pair alone, or ~one per group.
     live = p if naive else max(1, min(tiles, triton.cdiv(p, bm) + min(p, num_slots * num_experts) // 2))
 
+    waves = cfg["waves"]
+    if not naive and p >= cfg["waves_big_min_pairs"] and (rank <= cfg["waves_big_max_rank"]
+                                                          or bm <= 16):  # fmt: skip
+        waves = cfg["waves_big"]
+    target = TILE_OVERRIDE.get("waves", waves) * sms
     sc, ec = tile_config(bm, rank, k_dim)
+    sc.update(TILE_OVERRIDE.get("shrink", {}))
+    ec.update(TILE_OVERRIDE.get("expand", {}))
     block_k = sc["BLOCK_K"]
     k_steps = triton.cdiv(k_dim, block_k)
     ksplit = max(1, min(k_steps, triton.cdiv(target, live), 16))
@@ -872,7 +904,10 @@ def _launch(out, x, topk_ids, topk_weights, token_slots, lora_a, lora_b, slot_en
     pdl = _pdl_kw(dev, p)
     # Let the expand launch while the shrink runs only if its grid fits on the GPU at once.
     early = pdl["PDL"] and tiles * nsplit <= 4 * sms
-    prefetch = p >= cfg["prefetch_min_pairs"] if PREFETCH is None else PREFETCH
+    if PREFETCH is None:
+        prefetch = p >= cfg["prefetch_min_pairs"] and bm < cfg["nopf_min_block_m"]
+    else:
+        prefetch = PREFETCH
     part = torch.empty(ksplit * num_slices * p * block_r, dtype=torch.float32, device=dev)
     dummy = token_slots
     tg = routing.tile_group if not naive else dummy

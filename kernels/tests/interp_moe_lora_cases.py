@@ -248,3 +248,33 @@ def test_w13_other_slice_counts(slices):
         reference.add_moe_lora_w13(ref, c["x"], c["topk_ids"], c["token_slots"], c["a13"],
                                    c["b13"])  # fmt: skip
         assert (out - ref).abs().max() <= 1e-4 * (ref - base).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_bm64_without_prefetch_and_more_splits(kind):
+    # Second-pass plan: BLOCK_M 64 runs the expand without prefetch (rank >= 64, big groups),
+    # and grouped batches may use more K/N splits (waves_big); both must stay exact.
+    c = make_case(5, 80, 64, 48, 2, 2, 1, 16, torch.float32, no_adapter=0.1)
+    a = c["a2"] if kind == "w2" else c["a13"][0]
+    saved = tml.TILE_OVERRIDE
+    try:
+        for bm, ov in ((64, {}), (16, {"waves": 8})):
+            tml.TILE_OVERRIDE = ov
+            r = tml.build_routing(c["topk_ids"], c["token_slots"], None, a.shape[0], a.shape[1],
+                                  mode="grouped", block_m=bm)  # fmt: skip
+            check(kind, c, dict(routing=r), torch.float32)
+    finally:
+        tml.TILE_OVERRIDE = saved
+
+
+def test_plan_rules_rank_aware():
+    cfg = tml._tuned()
+    t = cfg["grouped_min_pair_rank"]
+    # sparse batches stay naive at small pairs x rank, go grouped once pairs x rank is large
+    assert tml.choose_mode(64, 1024, rank=16) == "naive"
+    assert tml.choose_mode(t // 64, 1 << 20, rank=64) == "grouped"
+    assert tml.choose_mode(t // 64, 1 << 20) == "naive"  # rank unknown: the old rule
+    # rank >= 64 with big groups: BLOCK_M 64; few pairs: BLOCK_M 16 even with big groups
+    assert tml._grouped_block_m(4096, 32, rank=64) == 64
+    assert tml._grouped_block_m(4096, 32, rank=16) == 32
+    assert tml._grouped_block_m(1024, 32, rank=16) == 16

@@ -16,7 +16,11 @@ def _rows_with_adapter(token_slots: torch.Tensor) -> torch.Tensor:
 
 
 def lora_shrink(
-    out: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, scale: float
+    out: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    token_slots: torch.Tensor,
+    scale: float,
 ) -> None:
     """out[t, :R] = scale * lora_a[s] @ x[t] for s = token_slots[t] >= 0; 0 where s < 0.
 

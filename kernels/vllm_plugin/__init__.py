@@ -12,12 +12,15 @@ On CPU it installs:
     choice of Triton experts (which cannot run on CPU).
 
 On CUDA it replaces PunicaWrapperGPU.add_lora_w13 / add_lora_w2 (the MoE-LoRA hooks of vLLM's
-Triton experts) with our Triton op (kernels/triton_moe_lora.py); the argument mapping lives in
-kernels/vllm_plugin/cuda_moe.py. Expert parallelism and fully sharded LoRA keep vLLM's own path.
+Triton experts) with our op. On both devices the hooks are kernels/vllm_plugin/moe_hooks.py,
+which enters the op through kernels.moe_lora (Triton backend on CUDA tensors, torch on CPU).
+Expert parallelism and fully sharded LoRA keep vLLM's own path on CUDA.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 
 SUPPORTED_VLLM_VERSION = "0.32.0"
@@ -72,55 +75,73 @@ def _install_cpu() -> None:
 def _install_cuda() -> None:
     from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
 
-    from kernels.vllm_plugin import cuda_moe
+    from kernels.vllm_plugin import moe_hooks
 
     vllm_w13 = PunicaWrapperGPU.add_lora_w13
     vllm_w2 = PunicaWrapperGPU.add_lora_w2
+    # vLLM calls the hooks with positional arguments: bind them to vLLM's own parameter names
+    # (functools.wraps also makes inspect.signature report vLLM's signature).
+    sig13, sig2 = inspect.signature(vllm_w13), inspect.signature(vllm_w2)
 
-    def add_lora_w13(
-        self, y, x, lora_a_stacked, lora_b_stacked, topk_ids, topk_weights, expert_map, w1, w2,
-        num_tokens, top_k_num, max_loras, adapter_enabled, local_num_experts, top_k, num_slices,
-        fully_sharded, use_tuned_config, add_inputs=True, token_lora_mapping=None,
-    ):  # fmt: skip
-        self._moe_lora_ours = cuda_moe.supported(expert_map, fully_sharded)
-        if not self._moe_lora_ours:
-            return vllm_w13(
-                self, y, x, lora_a_stacked, lora_b_stacked, topk_ids, topk_weights, expert_map,
-                w1, w2, num_tokens, top_k_num, max_loras, adapter_enabled, local_num_experts,
-                top_k, num_slices, fully_sharded, use_tuned_config, add_inputs=add_inputs,
-                token_lora_mapping=token_lora_mapping,
-            )  # fmt: skip
-        meta = self.token_mapping_meta.meta_args(num_tokens, self.lora_config.specialize_active_lora)
-        if token_lora_mapping is None:
-            token_lora_mapping = meta[0]
+    def no_lora(self, num_tokens: int) -> tuple:
         # meta[5] is vLLM's CPU-side "no token has an adapter" flag (no device sync). When it is
         # set vLLM does not refresh token_lora_mapping, so it must not be read.
-        return cuda_moe.add_lora_w13(
-            y, x, lora_a_stacked, lora_b_stacked, topk_ids, token_lora_mapping, adapter_enabled,
-            top_k_num, add_inputs=add_inputs, no_lora=bool(meta[5][0]),
-        )  # fmt: skip
+        meta = self.token_mapping_meta.meta_args(
+            num_tokens, self.lora_config.specialize_active_lora
+        )
+        return bool(meta[5][0]), meta[0]
 
-    def add_lora_w2(
-        self, y, x, lora_a_stacked, lora_b_stacked, topk_weights, sorted_token_ids_lora,
-        expert_ids_lora, num_tokens_post_padded_lora, token_lora_mapping, num_tokens, w1, w2,
-        top_k_num, max_loras, adapter_enabled, top_k, fully_sharded, tp_rank, use_tuned_config,
-        add_inputs=True,
-    ):  # fmt: skip
-        if not getattr(self, "_moe_lora_ours", False) or fully_sharded:
-            return vllm_w2(
-                self, y, x, lora_a_stacked, lora_b_stacked, topk_weights, sorted_token_ids_lora,
-                expert_ids_lora, num_tokens_post_padded_lora, token_lora_mapping, num_tokens,
-                w1, w2, top_k_num, max_loras, adapter_enabled, top_k, fully_sharded, tp_rank,
-                use_tuned_config, add_inputs=add_inputs,
-            )  # fmt: skip
-        meta = self.token_mapping_meta.meta_args(num_tokens, self.lora_config.specialize_active_lora)
-        cuda_moe.add_lora_w2(
-            y, x, lora_a_stacked, lora_b_stacked, topk_weights,
-            (sorted_token_ids_lora, expert_ids_lora, num_tokens_post_padded_lora,
-             token_lora_mapping),
-            adapter_enabled, num_tokens, top_k_num, add_inputs=add_inputs,
-            no_lora=bool(meta[5][0]),
-        )  # fmt: skip
+    @functools.wraps(vllm_w13)
+    def add_lora_w13(self, *args, **kwargs):
+        a = sig13.bind(self, *args, **kwargs)
+        a.apply_defaults()
+        p = a.arguments
+        self._moe_lora_ours = moe_hooks.supported(p["expert_map"], p["fully_sharded"])
+        if not self._moe_lora_ours:
+            return vllm_w13(self, *args, **kwargs)
+        skip, mapping = no_lora(self, p["num_tokens"])
+        if p["token_lora_mapping"] is not None:
+            mapping = p["token_lora_mapping"]
+        return moe_hooks.add_lora_w13(
+            p["y"],
+            p["x"],
+            p["lora_a_stacked"],
+            p["lora_b_stacked"],
+            p["topk_ids"],
+            mapping,
+            p["adapter_enabled"],
+            p["top_k_num"],
+            add_inputs=p["add_inputs"],
+            no_lora=skip,
+        )
+
+    @functools.wraps(vllm_w2)
+    def add_lora_w2(self, *args, **kwargs):
+        a = sig2.bind(self, *args, **kwargs)
+        a.apply_defaults()
+        p = a.arguments
+        if not getattr(self, "_moe_lora_ours", False) or p["fully_sharded"]:
+            return vllm_w2(self, *args, **kwargs)
+        skip, _ = no_lora(self, p["num_tokens"])
+        w13_result = (
+            p["sorted_token_ids_lora"],
+            p["expert_ids_lora"],
+            p["num_tokens_post_padded_lora"],
+            p["token_lora_mapping"],
+        )
+        moe_hooks.add_lora_w2(
+            p["y"],
+            p["x"],
+            p["lora_a_stacked"],
+            p["lora_b_stacked"],
+            p["topk_weights"],
+            w13_result,
+            p["adapter_enabled"],
+            p["num_tokens"],
+            p["top_k_num"],
+            add_inputs=p["add_inputs"],
+            no_lora=skip,
+        )
 
     PunicaWrapperGPU.add_lora_w13 = add_lora_w13
     PunicaWrapperGPU.add_lora_w2 = add_lora_w2

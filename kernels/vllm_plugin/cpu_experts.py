@@ -48,16 +48,32 @@ class TorchLoRAExperts(LoRAExpertsMixin, CPUUnquantizedExperts):
         # Keep the checkpoint layout ([E, 2I, H] and [E, H, I]); no CPU prepacking.
         self._use_zentorch = False
 
-    def workspace_shapes(self, M, N, K, topk, global_num_experts, local_num_experts,
-                         expert_tokens_meta, activation):  # fmt: skip
+    def workspace_shapes(
+        self, M, N, K, topk, global_num_experts, local_num_experts, expert_tokens_meta, activation
+    ):
         return (0,), (0,), (M, K)
 
     def finalize_weight_and_reduce_impl(self) -> mk.TopKWeightAndReduce:
         return TopKWeightAndReduceNoOP()  # apply() reduces over top-k itself
 
-    def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation,
-              global_num_experts, expert_map, a1q_scale, a2_scale, workspace13, workspace2,
-              expert_tokens_meta, apply_router_weight_on_input):  # fmt: skip
+    def apply(
+        self,
+        output,
+        hidden_states,
+        w1,
+        w2,
+        topk_weights,
+        topk_ids,
+        activation,
+        global_num_experts,
+        expert_map,
+        a1q_scale,
+        a2_scale,
+        workspace13,
+        workspace2,
+        expert_tokens_meta,
+        apply_router_weight_on_input,
+    ):
         if expert_map is not None:
             raise NotImplementedError("expert parallelism is not supported on CPU")
         num_tokens, top_k = topk_ids.shape
@@ -73,9 +89,17 @@ class TorchLoRAExperts(LoRAExpertsMixin, CPUUnquantizedExperts):
         lora_meta = (None, None, None, None)
         if ctx is not None:
             lora_meta = self.apply_w13_lora(
-                ctx, y=gate_up, x=hidden_states, topk_ids=topk_ids, topk_weights=topk_weights,
-                expert_map=None, w1=w1, w2=w2, num_tokens=num_tokens, top_k_num=top_k,
-            )  # fmt: skip
+                ctx,
+                y=gate_up,
+                x=hidden_states,
+                topk_ids=topk_ids,
+                topk_weights=topk_weights,
+                expert_map=None,
+                w1=w1,
+                w2=w2,
+                num_tokens=num_tokens,
+                top_k_num=top_k,
+            )
 
         act = hidden_states.new_empty(
             num_tokens * top_k, self.adjust_N_for_activation(w1.shape[1], activation)
@@ -92,9 +116,17 @@ class TorchLoRAExperts(LoRAExpertsMixin, CPUUnquantizedExperts):
         if ctx is not None:
             sorted_ids, expert_ids, padded, token_map = lora_meta
             self.apply_w2_lora(
-                ctx, y=down, x=act, topk_weights=topk_weights, sorted_token_ids_lora=sorted_ids,
-                expert_ids_lora=expert_ids, num_tokens_post_padded_lora=padded,
-                token_lora_mapping=token_map, num_tokens=num_tokens, w1=w1, w2=w2,
+                ctx,
+                y=down,
+                x=act,
+                topk_weights=topk_weights,
+                sorted_token_ids_lora=sorted_ids,
+                expert_ids_lora=expert_ids,
+                num_tokens_post_padded_lora=padded,
+                token_lora_mapping=token_map,
+                num_tokens=num_tokens,
+                w1=w1,
+                w2=w2,
                 top_k_num=top_k,
-            )  # fmt: skip
+            )
         torch.sum(down, dim=1, out=output)

@@ -6,7 +6,8 @@ vLLM's CPU wrapper (PunicaWrapperCPU) has two gaps this class closes:
     skip tokens without an adapter. Prefill and decode use the same per-token slot vector, so
     the per-sequence (sgmv) metadata is not needed.
   * it has no `add_lora_w13` / `add_lora_w2` (vLLM raises NotImplementedError), which the MoE
-    experts call to add the expert LoRA delta; here they run our MoE-LoRA op.
+    experts call to add the expert LoRA delta; here they run our MoE-LoRA op through the same
+    hooks as on CUDA (kernels/vllm_plugin/moe_hooks.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
 from kernels import dense_lora
-from kernels.moe_lora import add_moe_lora_w2, add_moe_lora_w13
+from kernels.vllm_plugin import moe_hooks
 
 
 class MoELoRAPunicaWrapperCPU(PunicaWrapperCPU):
@@ -61,36 +62,77 @@ class MoELoRAPunicaWrapperCPU(PunicaWrapperCPU):
             )
 
     def add_lora_w13(
-        self, y, x, lora_a_stacked, lora_b_stacked, topk_ids, topk_weights, expert_map, w1, w2,
-        num_tokens, top_k_num, max_loras, adapter_enabled, local_num_experts, top_k, num_slices,
-        fully_sharded, use_tuned_config, add_inputs=True, token_lora_mapping=None,
-    ):  # fmt: skip
+        self,
+        y,
+        x,
+        lora_a_stacked,
+        lora_b_stacked,
+        topk_ids,
+        topk_weights,
+        expert_map,
+        w1,
+        w2,
+        num_tokens,
+        top_k_num,
+        max_loras,
+        adapter_enabled,
+        local_num_experts,
+        top_k,
+        num_slices,
+        fully_sharded,
+        use_tuned_config,
+        add_inputs=True,
+        token_lora_mapping=None,
+    ):
         self._check_supported(expert_map, fully_sharded)
         slots = self._token_slots(num_tokens, token_lora_mapping)
-        out = y.view(num_tokens, top_k_num, -1)
-        if not add_inputs:
-            out.zero_()
-        add_moe_lora_w13(
-            out, x, topk_ids, slots, lora_a_stacked, lora_b_stacked,
-            slot_enabled=adapter_enabled,
-        )  # fmt: skip
-        # No block-aligned sorting on this path: hand w2 the flat expert id of every (token, k)
-        # pair in the `expert_ids` position, as vLLM's own naive block assignment does.
-        return None, topk_ids.reshape(-1), None, slots
+        return moe_hooks.add_lora_w13(
+            y,
+            x,
+            lora_a_stacked,
+            lora_b_stacked,
+            topk_ids,
+            slots,
+            adapter_enabled,
+            top_k_num,
+            add_inputs=add_inputs,
+        )
 
     def add_lora_w2(
-        self, y, x, lora_a_stacked, lora_b_stacked, topk_weights, sorted_token_ids_lora,
-        expert_ids_lora, num_tokens_post_padded_lora, token_lora_mapping, num_tokens, w1, w2,
-        top_k_num, max_loras, adapter_enabled, top_k, fully_sharded, tp_rank, use_tuned_config,
+        self,
+        y,
+        x,
+        lora_a_stacked,
+        lora_b_stacked,
+        topk_weights,
+        sorted_token_ids_lora,
+        expert_ids_lora,
+        num_tokens_post_padded_lora,
+        token_lora_mapping,
+        num_tokens,
+        w1,
+        w2,
+        top_k_num,
+        max_loras,
+        adapter_enabled,
+        top_k,
+        fully_sharded,
+        tp_rank,
+        use_tuned_config,
         add_inputs=True,
-    ):  # fmt: skip
+    ):
         self._check_supported(None, fully_sharded)
         slots = self._token_slots(num_tokens, token_lora_mapping)
-        out = y.view(num_tokens, top_k_num, -1)
-        if not add_inputs:
-            out.zero_()
-        topk_ids = expert_ids_lora.view(num_tokens, top_k_num)
-        add_moe_lora_w2(
-            out, x, topk_ids, topk_weights, slots, lora_a_stacked[0], lora_b_stacked[0],
-            slot_enabled=adapter_enabled,
-        )  # fmt: skip
+        w13_result = (sorted_token_ids_lora, expert_ids_lora, num_tokens_post_padded_lora, slots)
+        moe_hooks.add_lora_w2(
+            y,
+            x,
+            lora_a_stacked,
+            lora_b_stacked,
+            topk_weights,
+            w13_result,
+            adapter_enabled,
+            num_tokens,
+            top_k_num,
+            add_inputs=add_inputs,
+        )

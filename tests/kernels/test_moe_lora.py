@@ -1,8 +1,8 @@
-"""The MoE-LoRA op against a plain per-(token, expert) loop written here, independently.
+"""The MoE-LoRA op's front door (kernels.moe_lora; the torch backend on CPU tensors) against
+the oracle (tests/kernels/oracle.py, float64 pair by pair).
 
-Tolerances: fp32 inputs must match the loop (computed in float64) to 1e-4 relative to the
-largest delta; bf16 inputs to 2e-2, since the reference and the op round the rank-R intermediate
-and the output to bf16 at different points.
+Tolerances: fp32 inputs must match to 1e-4 relative to the largest delta; bf16 inputs to 2e-2,
+since the op rounds the rank-R intermediate and the output to bf16.
 """
 
 from __future__ import annotations
@@ -11,63 +11,23 @@ import pytest
 import torch
 
 from kernels.moe_lora import add_moe_lora_w2, add_moe_lora_w13
+from tests.kernels import cases, oracle
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
-def make_case(seed, m, hidden, inter, experts, top_k, slots, rank, dtype, no_adapter_frac=0.3):
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    # Each slot holds an adapter of its own rank <= the slot capacity: the tail is zero padding.
-    ranks = torch.randint(1, rank + 1, (slots,), generator=g)
-    a13 = [randn(slots, experts, rank, hidden) for _ in range(2)]
-    b13 = [randn(slots, experts, inter, rank) for _ in range(2)]
-    a2, b2 = randn(slots, experts, rank, inter), randn(slots, experts, hidden, rank)
-    for s, r in enumerate(ranks.tolist()):
-        for a, b in [*zip(a13, b13), (a2, b2)]:
-            a[s, :, r:] = 0
-            b[s, :, :, r:] = 0
-    token_slots = torch.randint(0, slots, (m,), generator=g)
-    token_slots[torch.rand(m, generator=g) < no_adapter_frac] = -1
-    topk_ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(m)])
-    topk_weights = torch.rand(m, top_k, generator=g).to(dtype)
-    return dict(
-        x=randn(m, hidden), h=randn(m * top_k, inter), a13=a13, b13=b13, a2=a2, b2=b2,
-        token_slots=token_slots, topk_ids=topk_ids, topk_weights=topk_weights,
-    )  # fmt: skip
-
-
 def loop_w13(x, topk_ids, token_slots, a13, b13, enabled=None):
-    m, top_k = topk_ids.shape
-    n = b13[0].shape[2]
-    out = torch.zeros(m, top_k, 2 * n, dtype=torch.float64)
-    for t in range(m):
-        s = int(token_slots[t])
-        if s < 0 or (enabled is not None and not enabled[s]):
-            continue
-        for k in range(top_k):
-            e = int(topk_ids[t, k])
-            for i in range(2):
-                a, b = a13[i][s, e].double(), b13[i][s, e].double()
-                out[t, k, i * n : (i + 1) * n] = b @ (a @ x[t].double())
-    return out
+    return oracle.w13_delta(x, topk_ids, token_slots, a13, b13, enabled)
 
 
 def loop_w2(h, topk_ids, topk_weights, token_slots, a2, b2, enabled=None):
-    m, top_k = topk_ids.shape
-    out = torch.zeros(m, top_k, b2.shape[2], dtype=torch.float64)
-    for t in range(m):
-        s = int(token_slots[t])
-        if s < 0 or (enabled is not None and not enabled[s]):
-            continue
-        for k in range(top_k):
-            e = int(topk_ids[t, k])
-            row = h[t * top_k + k].double()
-            out[t, k] = float(topk_weights[t, k]) * (b2[s, e].double() @ (a2[s, e].double() @ row))
-    return out
+    return oracle.w2_delta(h, topk_ids, topk_weights, token_slots, a2, b2, enabled)
+
+
+def make_case(seed, m, hidden, inter, experts, top_k, slots, rank, dtype, no_adapter_frac=0.3):
+    return cases.make_case(
+        seed, m, hidden, inter, experts, top_k, slots, rank, dtype, no_adapter=no_adapter_frac
+    )
 
 
 def assert_close(got, want, dtype):
@@ -120,8 +80,9 @@ def test_disabled_slots_get_no_delta():
     c = make_case(5, 16, 32, 16, 4, 2, 4, 8, torch.float32, no_adapter_frac=0.0)
     enabled = torch.tensor([1, 0, 1, 0], dtype=torch.int32)
     out = torch.zeros(16, 2, 32)
-    add_moe_lora_w13(out, c["x"], c["topk_ids"], c["token_slots"], c["a13"], c["b13"],
-                     slot_enabled=enabled)  # fmt: skip
+    add_moe_lora_w13(
+        out, c["x"], c["topk_ids"], c["token_slots"], c["a13"], c["b13"], slot_enabled=enabled
+    )
     want = loop_w13(c["x"], c["topk_ids"], c["token_slots"], c["a13"], c["b13"], enabled)
     assert_close(out, want, torch.float32)
     assert out[enabled[c["token_slots"]] == 0].abs().max() == 0
@@ -140,16 +101,19 @@ def test_last_slot_is_not_used_for_tokens_without_adapter():
     c = make_case(7, 4, 32, 16, 4, 2, 3, 8, torch.float32, no_adapter_frac=0.0)
     c["token_slots"][:] = -1
     out = torch.zeros(4, 2, 32)
-    add_moe_lora_w2(out, c["h"], c["topk_ids"], c["topk_weights"], c["token_slots"], c["a2"],
-                    c["b2"])  # fmt: skip
+    add_moe_lora_w2(
+        out, c["h"], c["topk_ids"], c["topk_weights"], c["token_slots"], c["a2"], c["b2"]
+    )
     assert out.abs().max() == 0
 
 
 def test_shape_errors_are_reported():
     c = make_case(8, 4, 32, 16, 4, 2, 2, 8, torch.float32)
     with pytest.raises(ValueError, match="out must be"):
-        add_moe_lora_w13(torch.zeros(4, 2, 31), c["x"], c["topk_ids"], c["token_slots"], c["a13"],
-                         c["b13"])  # fmt: skip
+        add_moe_lora_w13(
+            torch.zeros(4, 2, 31), c["x"], c["topk_ids"], c["token_slots"], c["a13"], c["b13"]
+        )
     with pytest.raises(ValueError, match="token_slots"):
-        add_moe_lora_w13(torch.zeros(4, 2, 32), c["x"], c["topk_ids"], c["token_slots"][:3],
-                         c["a13"], c["b13"])  # fmt: skip
+        add_moe_lora_w13(
+            torch.zeros(4, 2, 32), c["x"], c["topk_ids"], c["token_slots"][:3], c["a13"], c["b13"]
+        )

@@ -1,6 +1,6 @@
-"""CPU timing of the PyTorch MoE-LoRA path (kernels/reference.py), per MoE layer forward.
+"""CPU timing of the PyTorch MoE-LoRA path (kernels/torch_moe_lora.py), per MoE layer forward.
 
-    .venv/bin/python -m kernels.bench_cpu
+    .venv/bin/python -m benchmarks.kernels.bench_cpu
 
 One "forward" = add_moe_lora_w13 (gate and up slices) + add_moe_lora_w2 for one MoE layer,
 every token carrying an adapter (uniform over the slots), bf16 and fp32. Prints a table.
@@ -13,12 +13,20 @@ import time
 
 import torch
 
+from kernels.model_shapes import MODEL_SHAPES
 from kernels.moe_lora import add_moe_lora_w2, add_moe_lora_w13
 
+# name: hidden, intermediate, experts, top_k, slots, rank
 SHAPES = {
-    # name: hidden, intermediate, experts, top_k, slots, rank
-    "built-in (256/128, 8e top-2)": (256, 128, 8, 2, 4, 16),
-    "GPT-OSS-20B layer (2880/2880, 32e top-4)": (2880, 2880, 32, 4, 4, 16),
+    f"{name} ({s.hidden}/{s.inter}, {s.experts}e top-{s.top_k})": (
+        s.hidden,
+        s.inter,
+        s.experts,
+        s.top_k,
+        4,
+        16,
+    )
+    for name, s in ((n, MODEL_SHAPES[n]) for n in ("builtin-moe", "gpt-oss-20b"))
 }
 
 
@@ -32,7 +40,10 @@ def time_forward(hidden, inter, experts, top_k, slots, rank, m, dtype, reps):
     topk_ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(m)])
     topk_w = torch.rand(m, top_k, generator=g).to(dtype)
     token_slots = torch.randint(0, slots, (m,), generator=g)
-    out13, out2 = torch.zeros(m, top_k, 2 * inter, dtype=dtype), torch.zeros(m, top_k, hidden, dtype=dtype)
+    out13, out2 = (
+        torch.zeros(m, top_k, 2 * inter, dtype=dtype),
+        torch.zeros(m, top_k, hidden, dtype=dtype),
+    )
 
     def forward():
         add_moe_lora_w13(out13, x, topk_ids, token_slots, a13, b13)

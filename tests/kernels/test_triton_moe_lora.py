@@ -1,16 +1,15 @@
-"""Triton MoE-LoRA kernels vs kernels.reference on CPU, in Triton's interpreter.
+"""Triton MoE-LoRA kernels vs the oracle on CPU, in Triton's interpreter.
 
-The cases live in kernels/tests/interp_moe_lora_cases.py. Triton must be imported with
+The cases live in tests/kernels/interp_moe_lora_cases.py. Triton must be imported with
 TRITON_INTERPRET=1 already set (it reads the variable at import, at @triton.jit decoration and
 while interpreted kernels run), so:
   * run with the variable set, e.g.
-        TRITON_INTERPRET=1 python -m pytest -q kernels/tests/test_triton_moe_lora.py
+        TRITON_INTERPRET=1 python -m pytest -q tests/kernels/test_triton_moe_lora.py
     and every case is collected here and reported individually;
   * run without it and without a GPU (CI's plain `pytest`), and the cases run in one fresh
     interpreter-mode pytest process; other tests of the session never see the variable;
   * with a GPU and without the variable, this is skipped: the real kernels are checked there by
-    kernels/tests/test_cuda_contract.py and kernels/bench.py.
-The whole set takes ~15-30 s on 2 CPU cores.
+    tests/kernels/test_triton_gpu.py and tests/kernels/test_cuda_contract.py.
 """
 
 from __future__ import annotations
@@ -25,20 +24,26 @@ import pytest
 CASES = Path(__file__).with_name("interp_moe_lora_cases.py")
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    from kernels.tests.interp_moe_lora_cases import *  # noqa: F401,F403
+    from tests.kernels.interp_moe_lora_cases import *  # noqa: F401,F403
 else:
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("CUDA present: interpreter tests need TRITON_INTERPRET=1 set at start",
-                    allow_module_level=True)  # fmt: skip
+        pytest.skip(
+            "CUDA present: interpreter tests need TRITON_INTERPRET=1 set at start",
+            allow_module_level=True,
+        )
 
     def test_kernels_in_triton_interpreter():
         env = {**os.environ, "TRITON_INTERPRET": "1"}
         root = Path(__file__).resolve().parents[2]
         r = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)],
-            env=env, cwd=root, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            env=env,
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         summary = r.stdout.strip().splitlines()[-1:] or [""]
         assert r.returncode == 0, f"{summary[0]}\n{r.stdout[-6000:]}\n{r.stderr[-2000:]}"

@@ -2,8 +2,8 @@
 
 Written from the op's documented semantics (vLLM 0.32.0: `ops.moe_lora_align_block_size` as
 called by `PunicaWrapperGPU.moe_lora_align_block_size`), not from its code. Used to feed
-vLLM's fused MoE-LoRA Triton op on a GPU machine without vLLM (kernels/bench.py) and in the
-CUDA contract test. Not a hot path: a host sync or two is fine here.
+vLLM's fused MoE-LoRA Triton op on a GPU machine without vLLM (benchmarks/kernels/bench.py) and
+in the CUDA contract test. Not a hot path: a host sync or two is fine here.
 
 Semantics, per LoRA row. The CUDA op launches one block pair per entry of lora_ids[:max_loras]
 (its grid is max_loras blocks wide, so only those entries are read). For each entry lora_id
@@ -70,9 +70,10 @@ def moe_lora_align_block_size(
         counts.index_add_(0, pair_experts, torch.ones_like(pair_experts))
         padded = (counts + block_size - 1) // block_size * block_size
         starts = torch.cumsum(padded, 0) - padded
-        rank_in_bucket = torch.arange(pairs.numel(), device=dev) - (
-            torch.cumsum(counts, 0) - counts
-        )[pair_experts]
+        rank_in_bucket = (
+            torch.arange(pairs.numel(), device=dev)
+            - (torch.cumsum(counts, 0) - counts)[pair_experts]
+        )
         row = torch.full((max_num_tokens_padded,), numel, dtype=torch.int32, device=dev)
         row[starts[pair_experts] + rank_in_bucket] = pairs.to(torch.int32)
         sorted_rows[lora_id] = row
@@ -108,9 +109,19 @@ def punica_align(
     expert_ids = torch.full((max_loras * max_num_m_blocks,), -1, dtype=torch.int32, device=dev)
     num_tokens_post_pad = torch.empty(max_loras, dtype=torch.int32, device=dev)
     moe_lora_align_block_size(
-        topk_ids, token_lora_mapping, num_experts, block_size, max_loras, max_num_tokens_padded,
-        max_num_m_blocks, sorted_ids, expert_ids, num_tokens_post_pad, adapter_enabled, lora_ids,
-    )  # fmt: skip
+        topk_ids,
+        token_lora_mapping,
+        num_experts,
+        block_size,
+        max_loras,
+        max_num_tokens_padded,
+        max_num_m_blocks,
+        sorted_ids,
+        expert_ids,
+        num_tokens_post_pad,
+        adapter_enabled,
+        lora_ids,
+    )
     return sorted_ids, expert_ids, num_tokens_post_pad
 
 

@@ -1,4 +1,4 @@
-"""The plugin is registered as a vLLM general plugin and refuses vLLM versions it was not built for."""
+"""The plugin is registered as a vLLM general plugin and refuses vLLM versions not built for."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from kernels import vllm_plugin
+pytest.importorskip("vllm")
+from kernels import vllm_plugin  # noqa: E402
 
 
 def test_registered_as_vllm_general_plugin():

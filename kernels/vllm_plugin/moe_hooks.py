@@ -1,7 +1,10 @@
-"""vLLM's MoE-LoRA hooks on CUDA (PunicaWrapperGPU.add_lora_w13 / add_lora_w2) -> our op.
+"""vLLM's MoE-LoRA hooks (add_lora_w13 / add_lora_w2 of its punica wrappers) -> our op.
 
-Pure functions of tensors: no vLLM import, so the argument mapping is tested without vLLM
-(kernels/tests/test_cuda_contract.py checks it against vLLM's own op on a GPU).
+The same two functions serve the CPU wrapper (kernels/vllm_plugin/cpu_punica.py) and the CUDA
+patch of PunicaWrapperGPU (kernels/vllm_plugin/__init__.py); both go through the op's front
+door, kernels.moe_lora, which picks the torch or the Triton backend from the tensors' device.
+Pure functions of tensors, no vLLM import: the argument mapping is tested without vLLM, and
+against vLLM's own op on a GPU (tests/kernels/test_cuda_contract.py).
 
 vLLM 0.32.0's contract at the two hooks:
   * w13: y [num_tokens * top_k_num, n_slices * N] (viewed [num_tokens, top_k_num, -1]),
@@ -13,10 +16,11 @@ vLLM 0.32.0's contract at the two hooks:
   * w2: y [num_tokens, top_k_num, H], x [num_tokens * top_k_num, I], lora tuples of one
     tensor, topk_weights [num_tokens, top_k_num]; the delta is scaled by the routing weight.
 
-Our 4-tuple: (Routing, topk_ids.flatten(), None, token_lora_mapping). The Routing object
-rides in vLLM's `sorted_token_ids_lora` position so w2 reuses w13's grouping; vLLM never
-looks inside it. Expert parallelism (expert_map) and fully sharded LoRA are not supported by
-our op: the caller falls back to vLLM's own implementation for those (supported() says when).
+Our 4-tuple: (pair routing or None, topk_ids.flatten(), None, token_lora_mapping). The routing
+rides in vLLM's `sorted_token_ids_lora` position so w2 reuses w13's grouping; vLLM never looks
+inside it; the flat expert ids ride in `expert_ids_lora`, as vLLM's own naive block assignment
+does. Expert parallelism (expert_map) and fully sharded LoRA are not supported by our op
+(supported() says when): on CUDA the caller falls back to vLLM's own implementation.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels import triton_moe_lora
+from kernels.moe_lora import add_moe_lora_w2, add_moe_lora_w13
 
 
 def supported(expert_map, fully_sharded: bool) -> bool:
@@ -51,8 +55,8 @@ def add_lora_w13(
     if not add_inputs:
         out.zero_()
     if not no_lora:
-        routing = triton_moe_lora.add_moe_lora_w13(
-            out, x, topk_ids, mapping, lora_a_stacked, lora_b_stacked, adapter_enabled
+        routing = add_moe_lora_w13(
+            out, x, topk_ids, mapping, lora_a_stacked, lora_b_stacked, slot_enabled=adapter_enabled
         )
     return routing, topk_ids.reshape(-1), None, mapping
 
@@ -76,9 +80,14 @@ def add_lora_w2(
         out.zero_()
     if no_lora:
         return
-    topk_ids = flat_topk_ids.view(num_tokens, top_k_num)
-    triton_moe_lora.add_moe_lora_w2(
-        out, x, topk_ids, topk_weights, mapping[:num_tokens], lora_a_stacked[0],
-        lora_b_stacked[0], adapter_enabled,
-        routing=routing if isinstance(routing, triton_moe_lora.Routing) else None,
-    )  # fmt: skip
+    add_moe_lora_w2(
+        out,
+        x,
+        flat_topk_ids.view(num_tokens, top_k_num),
+        topk_weights,
+        mapping[:num_tokens],
+        lora_a_stacked[0],
+        lora_b_stacked[0],
+        slot_enabled=adapter_enabled,
+        routing=routing,
+    )

@@ -2,8 +2,8 @@
 passes at PunicaWrapperGPU.add_lora_w13 / add_lora_w2, produce what vLLM's own op produces.
 
 Needs a CUDA GPU and vLLM's Triton op copied into .vllm_ref/ (python -m
-kernels.fetch_vllm_reference); skipped otherwise. vLLM's routing metadata comes from
-kernels.vllm_align_reference (its moe_lora_align_block_size semantics), built the way
+benchmarks.kernels.fetch_vllm_reference); skipped otherwise. vLLM's routing metadata comes from
+benchmarks.kernels.vllm_align_reference (its moe_lora_align_block_size semantics), built the way
 PunicaWrapperGPU.add_lora_w13 does: naive block assignment when
 num_tokens * top_k * 8 <= E * max_loras, else block-aligned sorting with the shrink
 BLOCK_SIZE_M; lora_ids = active LoRA ids; num_active_loras = max_loras + 1 (vLLM's default,
@@ -24,11 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / ".vllm_ref"))
 try:
     from vllm_ref import fused_moe_lora_op as vllm_op
 except Exception as exc:  # noqa: BLE001
-    pytest.skip(f"vLLM reference op not available ({exc!r}); run "
-                "python -m kernels.fetch_vllm_reference", allow_module_level=True)  # fmt: skip
+    pytest.skip(
+        f"vLLM reference op not available ({exc!r}); run "
+        "python -m benchmarks.kernels.fetch_vllm_reference",
+        allow_module_level=True,
+    )
 
-from kernels.vllm_align_reference import active_lora_ids, punica_align
-from kernels.vllm_plugin import cuda_moe
+from benchmarks.kernels.vllm_align_reference import active_lora_ids, punica_align
+from kernels.vllm_plugin import moe_hooks
 
 DEV = "cuda"
 
@@ -57,10 +60,17 @@ def make(seed, m, hidden, inter, experts, top_k, max_loras, rank, dtype):
     enabled = torch.ones(max_loras + 1, dtype=torch.int32, device=DEV)
     enabled[max_loras - 1] = 0  # a loaded slot whose adapter has no MoE weights
     return dict(
-        x=randn(m, hidden, scale=1.0), h=randn(m * top_k, inter, scale=1.0), a13=a13, b13=b13,
-        a2=a2, b2=b2, mapping=mapping, topk_ids=topk_ids.to(torch.int32),
-        topk_weights=topk_weights.to(torch.float32), enabled=enabled,
-    )  # fmt: skip
+        x=randn(m, hidden, scale=1.0),
+        h=randn(m * top_k, inter, scale=1.0),
+        a13=a13,
+        b13=b13,
+        a2=a2,
+        b2=b2,
+        mapping=mapping,
+        topk_ids=topk_ids.to(torch.int32),
+        topk_weights=topk_weights.to(torch.float32),
+        enabled=enabled,
+    )
 
 
 def vllm_reference(c, y13, y2, max_loras, block_m, add_inputs):
@@ -77,23 +87,60 @@ def vllm_reference(c, y13, y2, max_loras, block_m, add_inputs):
         expert_ids = expert_ids.view(max_loras, -1)
     num_active = torch.tensor([max_loras + 1], dtype=torch.int32)
     cfg = (block_m, 64, 32, 8, 4, 3, 1)  # shrink = expand config; the fast paths use BLOCK_M
-    for y, x, a, b, mul in [(y13, c["x"], c["a13"], c["b13"], False),
-                            (y2, c["h"], c["a2"], c["b2"], True)]:  # fmt: skip
+    for y, x, a, b, mul in [
+        (y13, c["x"], c["a13"], c["b13"], False),
+        (y2, c["h"], c["a2"], c["b2"], True),
+    ]:
         vllm_op._fused_moe_lora(
-            y, x, list(a), list(b), c["topk_weights"], sorted_ids, expert_ids, ntpp,
-            c["mapping"], rank, top_k, lora_ids, num_active, c["enabled"], *cfg, *cfg,
-            mul, False, 0, add_inputs,
-        )  # fmt: skip
+            y,
+            x,
+            list(a),
+            list(b),
+            c["topk_weights"],
+            sorted_ids,
+            expert_ids,
+            ntpp,
+            c["mapping"],
+            rank,
+            top_k,
+            lora_ids,
+            num_active,
+            c["enabled"],
+            *cfg,
+            *cfg,
+            mul,
+            False,
+            0,
+            add_inputs,
+        )
 
 
 def ours(c, y13, y2, add_inputs):
     m, top_k = c["topk_ids"].shape
-    result = cuda_moe.add_lora_w13(y13.view(m * top_k, -1), c["x"], c["a13"], c["b13"],
-                                   c["topk_ids"], c["mapping"], c["enabled"], top_k,
-                                   add_inputs=add_inputs)  # fmt: skip
+    result = moe_hooks.add_lora_w13(
+        y13.view(m * top_k, -1),
+        c["x"],
+        c["a13"],
+        c["b13"],
+        c["topk_ids"],
+        c["mapping"],
+        c["enabled"],
+        top_k,
+        add_inputs=add_inputs,
+    )
     assert len(result) == 4  # what vLLM passes on to add_lora_w2
-    cuda_moe.add_lora_w2(y2, c["h"], c["a2"], c["b2"], c["topk_weights"], result, c["enabled"],
-                         m, top_k, add_inputs=add_inputs)  # fmt: skip
+    moe_hooks.add_lora_w2(
+        y2,
+        c["h"],
+        c["a2"],
+        c["b2"],
+        c["topk_weights"],
+        result,
+        c["enabled"],
+        m,
+        top_k,
+        add_inputs=add_inputs,
+    )
 
 
 CASES = [

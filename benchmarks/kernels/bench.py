@@ -1,15 +1,16 @@
 """Benchmark of the Triton MoE-LoRA op against vLLM 0.32.0's fused_moe_lora on one GPU.
 
-Run on the GPU machine from the repository root, after `python -m kernels.fetch_vllm_reference`
-here (it copies vLLM's Triton op into the ignored .vllm_ref/, carried along):
+Run on the GPU machine from the repository root, after
+`python -m benchmarks.kernels.fetch_vllm_reference` here (it copies vLLM's Triton op into the
+ignored .vllm_ref/, carried along):
 
-    python -m kernels.bench --quick  --out DIR   # correctness at real shapes + a timing subset
-    python -m kernels.bench --full   --out DIR   # the whole grid (+ skewed routing subset)
+    python -m benchmarks.kernels.bench --quick --out DIR  # correctness + a timing subset
+    python -m benchmarks.kernels.bench --full --out DIR   # the whole grid (+ skewed routing)
 
 What it does
   (a) correctness: at the real model shapes, fresh random inputs (25% tokens without adapter,
       mixed adapter ranks zero-padded in the slots, one disabled slot), our op (every path) and
-      vLLM's op against kernels.reference (fp32 math on the GPU). Bound, per projection:
+      vLLM's op against kernels.torch_moe_lora (fp32 math on the GPU). Bound, per projection:
       max|got - ref| <= 2e-2 * max|ref - base| and ||got - ref|| <= 1e-2 * ||ref - base||
       (bf16 outputs: one rounding of out+delta and of the rank intermediate), and rows without
       an (enabled) adapter bit-for-bit unchanged.
@@ -38,17 +39,20 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / ".vllm_ref"))
 
-from kernels import reference  # noqa: E402
+from benchmarks.kernels.vllm_align_reference import active_lora_ids, punica_align  # noqa: E402
+from kernels import torch_moe_lora  # noqa: E402
 from kernels import triton_moe_lora as ours  # noqa: E402
-from kernels.vllm_align_reference import active_lora_ids, punica_align  # noqa: E402
+from kernels.model_shapes import BENCHMARK_MODELS, MODEL_SHAPES  # noqa: E402
+from kernels.triton_plan import LaunchOptions, grouped_block_m, plan_config, plan_name  # noqa: E402
+from kernels.triton_util import device_name, num_sms  # noqa: E402
 
 MODELS = {
-    "gpt-oss-20b": dict(hidden=2880, inter=2880, experts=32, top_k=4),
-    "qwen3-30b-a3b": dict(hidden=2048, inter=768, experts=128, top_k=8),
+    name: dict(hidden=s.hidden, inter=s.inter, experts=s.experts, top_k=s.top_k)
+    for name, s in MODEL_SHAPES.items()
+    if name in BENCHMARK_MODELS
 }
 GRID_M = [1, 4, 16, 64, 256, 1024, 4096]
 GRID_ADAPTERS = [1, 4, 8, 32]
@@ -84,41 +88,97 @@ class Vllm:
 
     @staticmethod
     def _args(cfg):
-        return (cfg.get("BLOCK_SIZE_M", 64), cfg.get("BLOCK_SIZE_N", 64), cfg.get("BLOCK_SIZE_K", 32),
-                cfg.get("GROUP_SIZE_M", 8), cfg.get("NUM_WARPS", cfg.get("num_warps", 4)),
-                cfg.get("NUM_STAGES", cfg.get("num_stages", 3)), cfg.get("SPLIT_K", 1))  # fmt: skip
+        return (
+            cfg.get("BLOCK_SIZE_M", 64),
+            cfg.get("BLOCK_SIZE_N", 64),
+            cfg.get("BLOCK_SIZE_K", 32),
+            cfg.get("GROUP_SIZE_M", 8),
+            cfg.get("NUM_WARPS", cfg.get("num_warps", 4)),
+            cfg.get("NUM_STAGES", cfg.get("num_stages", 3)),
+            cfg.get("SPLIT_K", 1),
+        )
 
     def prepare(self, model, rank, topk_ids, mapping, enabled, max_loras):
         """Everything add_lora_w13 computes before the kernel (not timed)."""
         m, top_k = topk_ids.shape
         experts = MODELS[model]["experts"]
-        cfg = {op: self.config(model, rank, m, op) for op in
-               ("w13_shrink", "w13_expand", "w2_shrink", "w2_expand")}  # fmt: skip
+        cfg = {
+            op: self.config(model, rank, m, op)
+            for op in ("w13_shrink", "w13_expand", "w2_shrink", "w2_expand")
+        }
         naive = m * top_k * 8 <= experts * max_loras
         bm = int(cfg["w13_shrink"].get("BLOCK_SIZE_M") or 64)
         lora_ids = active_lora_ids(mapping, max_loras)
-        sorted_ids, expert_ids, ntpp = punica_align(topk_ids, mapping, bm, experts, max_loras,
-                                                    enabled, lora_ids, naive)  # fmt: skip
+        sorted_ids, expert_ids, ntpp = punica_align(
+            topk_ids, mapping, bm, experts, max_loras, enabled, lora_ids, naive
+        )
         if sorted_ids is not None:
             sorted_ids = sorted_ids.view(max_loras, -1)
             expert_ids = expert_ids.view(max_loras, -1)
-        num_active = torch.tensor([max_loras + 1], dtype=torch.int32)  # specialize_active_lora=False
+        num_active = torch.tensor(
+            [max_loras + 1], dtype=torch.int32
+        )  # specialize_active_lora=False
         small = naive and rank <= 64 and m * top_k * rank <= 1024
         path = "small-batch" if small else ("one-shot-naive" if naive else f"one-shot-BM{bm}")
-        return dict(cfg=cfg, sorted=sorted_ids, eids=expert_ids, ntpp=ntpp, lora_ids=lora_ids,
-                    num_active=num_active, mapping=mapping, enabled=enabled, path=path)  # fmt: skip
+        return dict(
+            cfg=cfg,
+            sorted=sorted_ids,
+            eids=expert_ids,
+            ntpp=ntpp,
+            lora_ids=lora_ids,
+            num_active=num_active,
+            mapping=mapping,
+            enabled=enabled,
+            path=path,
+        )
 
     def w13(self, out, x, a13, b13, topk_weights, meta, rank, top_k):
-        self.op(out, x, list(a13), list(b13), topk_weights, meta["sorted"], meta["eids"],
-                meta["ntpp"], meta["mapping"], rank, top_k, meta["lora_ids"], meta["num_active"],
-                meta["enabled"], *self._args(meta["cfg"]["w13_shrink"]),
-                *self._args(meta["cfg"]["w13_expand"]), False, False, 0, True)  # fmt: skip
+        self.op(
+            out,
+            x,
+            list(a13),
+            list(b13),
+            topk_weights,
+            meta["sorted"],
+            meta["eids"],
+            meta["ntpp"],
+            meta["mapping"],
+            rank,
+            top_k,
+            meta["lora_ids"],
+            meta["num_active"],
+            meta["enabled"],
+            *self._args(meta["cfg"]["w13_shrink"]),
+            *self._args(meta["cfg"]["w13_expand"]),
+            False,
+            False,
+            0,
+            True,
+        )
 
     def w2(self, out, h, a2, b2, topk_weights, meta, rank, top_k):
-        self.op(out, h, [a2], [b2], topk_weights, meta["sorted"], meta["eids"], meta["ntpp"],
-                meta["mapping"], rank, top_k, meta["lora_ids"], meta["num_active"],
-                meta["enabled"], *self._args(meta["cfg"]["w2_shrink"]),
-                *self._args(meta["cfg"]["w2_expand"]), True, False, 0, True)  # fmt: skip
+        self.op(
+            out,
+            h,
+            [a2],
+            [b2],
+            topk_weights,
+            meta["sorted"],
+            meta["eids"],
+            meta["ntpp"],
+            meta["mapping"],
+            rank,
+            top_k,
+            meta["lora_ids"],
+            meta["num_active"],
+            meta["enabled"],
+            *self._args(meta["cfg"]["w2_shrink"]),
+            *self._args(meta["cfg"]["w2_expand"]),
+            True,
+            False,
+            0,
+            True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +190,9 @@ def make_routing(m, model, n_act, skew, gen, no_adapter=0.0):
     spec = MODELS[model]
     e, k = spec["experts"], spec["top_k"]
     if skew:  # Zipf-like popularity of experts (a1.2) and adapters (a1.5)
-        pe = (1.0 / torch.arange(1, e + 1, device=DEV).float() ** 1.2)[torch.randperm(e, device=DEV, generator=gen)]
+        pe = (1.0 / torch.arange(1, e + 1, device=DEV).float() ** 1.2)[
+            torch.randperm(e, device=DEV, generator=gen)
+        ]
         topk_ids = torch.multinomial(pe.expand(m, e), k, replacement=False, generator=gen)
         ps = 1.0 / torch.arange(1, n_act + 1, device=DEV).float() ** 1.5
         slots = torch.multinomial(ps, m, replacement=True, generator=gen)
@@ -171,8 +233,9 @@ def make_weights(model, slots, rank, layers, gen, mixed_ranks=False):
 
 def layer_view(w, layer, slots):
     sl = slice(layer * slots, (layer + 1) * slots)
-    return dict(a13=[a[sl] for a in w["a13"]], b13=[b[sl] for b in w["b13"]], a2=w["a2"][sl],
-                b2=w["b2"][sl])  # fmt: skip
+    return dict(
+        a13=[a[sl] for a in w["a13"]], b13=[b[sl] for b in w["b13"]], a2=w["a2"][sl], b2=w["b2"][sl]
+    )
 
 
 def bytes_moved(model, rank, topk_ids, slots):
@@ -195,33 +258,24 @@ def bytes_moved(model, rank, topk_ids, slots):
 
 
 def rel_errors(got, want, base):
-    d_ref = (want.float() - base.float())
+    d_ref = want.float() - base.float()
     d = got.float() - want.float()
     scale = d_ref.abs().max().clamp(min=1e-6)
     return float(d.abs().max() / scale), float(d.norm() / d_ref.norm().clamp(min=1e-6))
 
 
+def options_of(opts: dict) -> LaunchOptions:
+    return LaunchOptions(**{k: v for k, v in opts.items() if k != "path"})
+
+
 def run_ours(opts, o13, o2, x, hh, topk_ids, slots, topk_w, w, enabled, num_slots, experts):
-    """One layer call of our op (w13, then w2 reusing w13's routing) under a variant:
-    mode/router/block_m force the routing, path forces the kernels, pdl/prefetch override the
-    module switches."""
-    saved = ours.PDL, ours.PREFETCH, ours.TILE_OVERRIDE
-    ours.PDL = opts.get("pdl", ours.PDL)
-    ours.PREFETCH = opts.get("prefetch", ours.PREFETCH)
-    ours.TILE_OVERRIDE = {k: opts[k] for k in ("waves", "shrink", "expand") if k in opts}
-    try:
-        routing = None
-        if opts.get("mode") or opts.get("block_m") or opts.get("router"):
-            routing = ours.build_routing(topk_ids, slots, enabled, num_slots, experts,
-                                         mode=opts.get("mode"), block_m=opts.get("block_m"),
-                                         router=opts.get("router"),
-                                         rank=w["a13"][0].shape[2])  # fmt: skip
-        r = ours.add_moe_lora_w13(o13, x, topk_ids, slots, w["a13"], w["b13"], enabled,
-                                  routing=routing, path=opts.get("path"))  # fmt: skip
-        ours.add_moe_lora_w2(o2, hh, topk_ids, topk_w, slots, w["a2"], w["b2"], enabled,
-                             routing=r, path=opts.get("path"))  # fmt: skip
-    finally:
-        ours.PDL, ours.PREFETCH, ours.TILE_OVERRIDE = saved
+    """One layer call of our op (w13, then w2 reusing w13's routing) under a variant given as
+    LaunchOptions fields (mode, sorter, block_m, decode, handoff, pdl, prefetch, waves, ...)."""
+    options = options_of(opts)
+    r = ours.add_moe_lora_w13(o13, x, topk_ids, slots, w["a13"], w["b13"], enabled, options=options)
+    ours.add_moe_lora_w2(
+        o2, hh, topk_ids, topk_w, slots, w["a2"], w["b2"], enabled, routing=r, options=options
+    )
 
 
 def check_case(vllm, model, rank, m, n_act, gen, variants):
@@ -239,8 +293,8 @@ def check_case(vllm, model, rank, m, n_act, gen, variants):
     base13 = torch.randn(m, k, 2 * i, device=DEV, generator=gen).to(DTYPE)
     base2 = torch.randn(m, k, h, device=DEV, generator=gen).to(DTYPE)
     ref13, ref2 = base13.clone(), base2.clone()
-    reference.add_moe_lora_w13(ref13, x, topk_ids, slots, w["a13"], w["b13"], enabled)
-    reference.add_moe_lora_w2(ref2, hh, topk_ids, topk_w, slots, w["a2"], w["b2"], enabled)
+    torch_moe_lora.add_moe_lora_w13(ref13, x, topk_ids, slots, w["a13"], w["b13"], enabled)
+    torch_moe_lora.add_moe_lora_w2(ref2, hh, topk_ids, topk_w, slots, w["a2"], w["b2"], enabled)
     skip = (slots < 0) | (enabled[slots.clamp(min=0).long()] == 0)
     rows = []
     impls = dict(variants)
@@ -253,26 +307,52 @@ def check_case(vllm, model, rank, m, n_act, gen, variants):
             vllm.w13(o13, x, w["a13"], w["b13"], topk_w, meta, rank, k)
             vllm.w2(o2, hh, w["a2"], w["b2"], topk_w, meta, rank, k)
         else:
-            run_ours(opts, o13, o2, x, hh, topk_ids, slots, topk_w, w, enabled, max_loras,
-                     spec["experts"])  # fmt: skip
+            run_ours(
+                opts,
+                o13,
+                o2,
+                x,
+                hh,
+                topk_ids,
+                slots,
+                topk_w,
+                w,
+                enabled,
+                max_loras,
+                spec["experts"],
+            )
         torch.cuda.synchronize()
         e13 = rel_errors(o13, ref13, base13)
         e2 = rel_errors(o2, ref2, base2)
-        untouched = bool(torch.equal(o13[skip], base13[skip]) and torch.equal(o2[skip], base2[skip]))
+        untouched = bool(
+            torch.equal(o13[skip], base13[skip]) and torch.equal(o2[skip], base2[skip])
+        )
         finite = bool(torch.isfinite(o13).all() and torch.isfinite(o2).all())
         ok = untouched and finite and max(e13[0], e2[0]) <= 2e-2 and max(e13[1], e2[1]) <= 1e-2
-        rows.append(dict(model=model, rank=rank, M=m, adapters=n_act, impl=name, ok=ok,
-                         w13_max=e13[0], w13_fro=e13[1], w2_max=e2[0], w2_fro=e2[1],
-                         untouched=untouched))  # fmt: skip
+        rows.append(
+            dict(
+                model=model,
+                rank=rank,
+                M=m,
+                adapters=n_act,
+                impl=name,
+                ok=ok,
+                w13_max=e13[0],
+                w13_fro=e13[1],
+                w2_max=e2[0],
+                w2_fro=e2[1],
+                untouched=untouched,
+            )
+        )
     return rows
 
 
 CHECK_VARIANTS = {
     "auto": {},
-    "fused": dict(path="fused"),
-    "tile-naive": dict(path="tile", mode="naive"),
-    "grouped-sort": dict(path="tile", mode="grouped", router="small"),
-    "grouped-count": dict(path="tile", mode="grouped", router="count"),
+    "decode-fused": dict(mode="naive", decode="fused"),
+    "tile-naive": dict(mode="naive", decode="split"),
+    "grouped-onepass": dict(mode="grouped", sorter="onepass"),
+    "grouped-count": dict(mode="grouped", sorter="count"),
     "nopf-nopdl": dict(prefetch=False, pdl=False),
 }
 
@@ -283,15 +363,20 @@ def run_correctness(vllm, gen):
     for model in MODELS:
         for rank in GRID_RANKS:
             for m, n_act in cases:
-                names = (CHECK_VARIANTS if m <= 64 else
-                         ("auto", "grouped-sort", "grouped-count", "nopf-nopdl"))  # fmt: skip
+                names = (
+                    CHECK_VARIANTS
+                    if m <= 64
+                    else ("auto", "grouped-onepass", "grouped-count", "nopf-nopdl")
+                )
                 v = {n: CHECK_VARIANTS[n] for n in names}
                 rows += check_case(vllm, model, rank, m, n_act, gen, v)
     bad = [r for r in rows if not r["ok"]]
     worst = max(rows, key=lambda r: max(r["w13_max"], r["w2_max"]))
-    log(f"correctness: {len(rows) - len(bad)}/{len(rows)} ok; worst max-rel "
+    log(
+        f"correctness: {len(rows) - len(bad)}/{len(rows)} ok; worst max-rel "
         f"{max(worst['w13_max'], worst['w2_max']):.2e} ({worst['impl']} {worst['model']} "
-        f"r{worst['rank']} M{worst['M']})")  # fmt: skip
+        f"r{worst['rank']} M{worst['M']})"
+    )
     for r in bad:
         log("  FAIL", r)
     return rows
@@ -307,14 +392,14 @@ def graph_time(call, layers, max_s=0.15):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for l in range(layers):  # warm-up: compiles, pointer tables
-            call(l)
+        for layer in range(layers):  # warm-up: compiles, pointer tables
+            call(layer)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for l in range(layers):
-            call(l)
+        for layer in range(layers):
+            call(layer)
     g.replay()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -322,8 +407,10 @@ def graph_time(call, layers, max_s=0.15):
     torch.cuda.synchronize()
     one = time.perf_counter() - t0
     reps = int(min(40, max(5, max_s / max(one, 1e-6))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]  # fmt: skip
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(reps)
+    ]
     for a, b in events:
         a.record()
         g.replay()
@@ -360,32 +447,55 @@ def time_cell(vllm, grp, m, skew, gen, l2_bytes, variants, peak):
     o13 = torch.randn(layers, m, k, 2 * i, device=DEV, generator=gen).to(DTYPE)
     o2 = torch.randn(layers, m, k, h, device=DEV, generator=gen).to(DTYPE)
     enabled = torch.ones(n_act + 1, dtype=torch.int32, device=DEV)
-    views = [layer_view(grp.w, l, n_act) for l in range(layers)]
+    views = [layer_view(grp.w, layer, n_act) for layer in range(layers)]
     total_bytes, distinct = 0, 0
     for t, s, _ in routes:
         b, d = bytes_moved(model, rank, t, s)
         total_bytes += b
         distinct += d
     bytes_per_call = total_bytes / layers
-    res = dict(model=model, rank=rank, adapters=n_act, M=m, routing="skewed" if skew else "uniform",
-               layers=layers, bytes=bytes_per_call, distinct_blocks=distinct / layers)  # fmt: skip
+    res = dict(
+        model=model,
+        rank=rank,
+        adapters=n_act,
+        M=m,
+        routing="skewed" if skew else "uniform",
+        layers=layers,
+        bytes=bytes_per_call,
+        distinct_blocks=distinct / layers,
+    )
 
     for name, opts in variants.items():
-        def call(l, opts=opts):
-            t, s, w_ = routes[l]
-            run_ours(opts, o13[l], o2[l], xs[l], hs[l], t, s, w_, views[l], enabled, n_act,
-                     spec["experts"])  # fmt: skip
+
+        def call(layer, opts=opts):
+            t, s, w_ = routes[layer]
+            run_ours(
+                opts,
+                o13[layer],
+                o2[layer],
+                xs[layer],
+                hs[layer],
+                t,
+                s,
+                w_,
+                views[layer],
+                enabled,
+                n_act,
+                spec["experts"],
+            )
+
         res[f"ours_{name}_us"], _ = graph_time(call, layers)
 
     if vllm is not None:
         metas = [vllm.prepare(model, rank, t, s, enabled, n_act) for t, s, _ in routes]
         res["vllm_path"] = metas[0]["path"]
 
-        def vcall(l):
-            t, s, w_ = routes[l]
-            v = views[l]
-            vllm.w13(o13[l], xs[l], v["a13"], v["b13"], w_, metas[l], rank, k)
-            vllm.w2(o2[l], hs[l], v["a2"], v["b2"], w_, metas[l], rank, k)
+        def vcall(layer):
+            t, s, w_ = routes[layer]
+            v = views[layer]
+            vllm.w13(o13[layer], xs[layer], v["a13"], v["b13"], w_, metas[layer], rank, k)
+            vllm.w2(o2[layer], hs[layer], v["a2"], v["b2"], w_, metas[layer], rank, k)
+
         res["vllm_us"], _ = graph_time(vcall, layers)
     best = min((n for n in variants), key=lambda n: res[f"ours_{n}_us"])
     res["ours_us"] = res["ours_auto_us"] if "auto" in variants else res[f"ours_{best}_us"]
@@ -394,7 +504,6 @@ def time_cell(vllm, grp, m, skew, gen, l2_bytes, variants, peak):
     res["floor_pct"] = 100 * res["gbps"] / peak
     if vllm is not None:
         res["speedup"] = res["vllm_us"] / res["ours_us"]
-    del xs, hs, o13, o2
     return res
 
 
@@ -419,8 +528,10 @@ def measure_peak_bw():
 
 
 def fmt_table(rows):
-    hdr = ("| model | r | adapters | M | routing | ours µs | vLLM µs | speedup | GB/s | % floor |"
-           " our path (best forced) | vLLM path |")  # fmt: skip
+    hdr = (
+        "| model | r | adapters | M | routing | ours µs | vLLM µs | speedup | GB/s | % floor |"
+        " our path (best forced) | vLLM path |"
+    )
     out = [hdr, "|" + "---|" * 12]
     for r in rows:
         out.append(
@@ -440,20 +551,24 @@ def summarize(rows):
     dec = [r["speedup"] for r in uni if r["M"] <= 16]
     big = [r["floor_pct"] for r in uni if r["M"] >= 256]
     worst = min(uni, key=lambda r: r["speedup"])
-    return dict(cells=len(uni), median_speedup=statistics.median(sp), min_speedup=min(sp),
-                geomean_speedup=math.exp(statistics.mean(math.log(x) for x in sp)),
-                decode_median=statistics.median(dec) if dec else None,
-                floor_pct_m256_median=statistics.median(big) if big else None,
-                floor_pct_m256_min=min(big) if big else None,
-                slower_cells=sum(x < 1 for x in sp),
-                worst=f"{worst['model']} r{worst['rank']} a{worst['adapters']} M{worst['M']}: "
-                      f"{worst['speedup']:.2f}x")  # fmt: skip
+    return dict(
+        cells=len(uni),
+        median_speedup=statistics.median(sp),
+        min_speedup=min(sp),
+        geomean_speedup=math.exp(statistics.mean(math.log(x) for x in sp)),
+        decode_median=statistics.median(dec) if dec else None,
+        floor_pct_m256_median=statistics.median(big) if big else None,
+        floor_pct_m256_min=min(big) if big else None,
+        slower_cells=sum(x < 1 for x in sp),
+        worst=f"{worst['model']} r{worst['rank']} a{worst['adapters']} M{worst['M']}: "
+        f"{worst['speedup']:.2f}x",
+    )
 
 
 TUNE_VARIANTS = {
     "auto": {},
-    "naive": dict(path="tile", mode="naive"),
-    "grouped": dict(path="tile", mode="grouped"),
+    "naive": dict(mode="naive", decode="split"),
+    "grouped": dict(mode="grouped"),
     "nopf": dict(prefetch=False),
     "nopdl": dict(pdl=False),
 }
@@ -470,7 +585,7 @@ def tune_variants(model, rank, n_act, m):
         v["naive"] = TUNE_VARIANTS["naive"]
         v["grouped"] = TUNE_VARIANTS["grouped"]
     else:
-        bm = ours._grouped_block_m(p, n_act * spec["experts"], rank)
+        bm = grouped_block_m(_cfg(), p, n_act * spec["experts"], rank)
         for alt in (bm // 2, bm * 2):
             if 16 <= alt <= 64:
                 v[f"bm{alt}"] = dict(mode="grouped", block_m=alt)
@@ -480,21 +595,31 @@ def tune_variants(model, rank, n_act, m):
 # --probe: the cells below 50% of the floor at M >= 256 (first H200 pass), their neighbours,
 # the cells of the rank-aware routing rule, and two decode cells as a regression check.
 PROBE_CELLS = [
-    ("gpt-oss-20b", 16, 1, 1), ("gpt-oss-20b", 16, 1, 256), ("gpt-oss-20b", 16, 1, 1024),
+    ("gpt-oss-20b", 16, 1, 1),
+    ("gpt-oss-20b", 16, 1, 256),
+    ("gpt-oss-20b", 16, 1, 1024),
     ("gpt-oss-20b", 16, 1, 4096),
-    ("gpt-oss-20b", 16, 4, 256), ("gpt-oss-20b", 16, 4, 1024),
+    ("gpt-oss-20b", 16, 4, 256),
+    ("gpt-oss-20b", 16, 4, 1024),
     ("gpt-oss-20b", 16, 8, 256),
     ("gpt-oss-20b", 16, 32, 256),
-    ("gpt-oss-20b", 64, 1, 256), ("gpt-oss-20b", 64, 1, 1024), ("gpt-oss-20b", 64, 1, 4096),
-    ("gpt-oss-20b", 64, 4, 16), ("gpt-oss-20b", 64, 4, 1024),
+    ("gpt-oss-20b", 64, 1, 256),
+    ("gpt-oss-20b", 64, 1, 1024),
+    ("gpt-oss-20b", 64, 1, 4096),
+    ("gpt-oss-20b", 64, 4, 16),
+    ("gpt-oss-20b", 64, 4, 1024),
     ("gpt-oss-20b", 64, 8, 64),
     ("gpt-oss-20b", 64, 32, 256),
-    ("qwen3-30b-a3b", 16, 1, 256), ("qwen3-30b-a3b", 16, 1, 1024),
+    ("qwen3-30b-a3b", 16, 1, 256),
+    ("qwen3-30b-a3b", 16, 1, 1024),
     ("qwen3-30b-a3b", 16, 4, 256),
     ("qwen3-30b-a3b", 16, 8, 1024),
     ("qwen3-30b-a3b", 16, 32, 256),
-    ("qwen3-30b-a3b", 64, 1, 256), ("qwen3-30b-a3b", 64, 1, 1024), ("qwen3-30b-a3b", 64, 1, 4096),
-    ("qwen3-30b-a3b", 64, 4, 16), ("qwen3-30b-a3b", 64, 4, 64),
+    ("qwen3-30b-a3b", 64, 1, 256),
+    ("qwen3-30b-a3b", 64, 1, 1024),
+    ("qwen3-30b-a3b", 64, 1, 4096),
+    ("qwen3-30b-a3b", 64, 4, 16),
+    ("qwen3-30b-a3b", 64, 4, 64),
     ("qwen3-30b-a3b", 64, 32, 256),
 ]
 
@@ -502,8 +627,8 @@ PROBE_CELLS = [
 def probe_variants(model, rank, n_act, m):
     v = {"auto": {}}
     if m <= 64 or n_act == 32:
-        v["naive"] = dict(path="tile", mode="naive")
-        v["grouped"] = dict(path="tile", mode="grouped")
+        v["naive"] = dict(mode="naive", decode="split")
+        v["grouped"] = dict(mode="grouped")
     if m >= 256:
         for bm in (16, 32, 64):
             v[f"bm{bm}"] = dict(mode="grouped", block_m=bm)
@@ -513,14 +638,18 @@ def probe_variants(model, rank, n_act, m):
         v["w4bm16"] = dict(mode="grouped", block_m=16, waves=4)
         v["xw"] = dict(mode="grouped", block_m=32, expand=dict(BLOCK_N=128, num_warps=8))
         if m * MODELS[model]["top_k"] <= 2048:
-            v["count"] = dict(mode="grouped", router="count")
+            v["count"] = dict(mode="grouped", sorter="count")
     return v
+
+
+def _cfg():
+    return plan_config(device_name(0))
 
 
 def our_path_name(model, rank, m, n_act):
     """What the automatic plan picks (for the table)."""
     spec = MODELS[model]
-    return ours.plan_name(m * spec["top_k"], n_act, spec["experts"], rank)
+    return plan_name(_cfg(), m * spec["top_k"], n_act, spec["experts"], rank, num_sms(0))
 
 
 def main():
@@ -540,9 +669,14 @@ def main():
 
     props = torch.cuda.get_device_properties(0)
     l2 = getattr(props, "L2_cache_size", 60 << 20)
-    info = dict(gpu=torch.cuda.get_device_name(0), sms=props.multi_processor_count, l2_bytes=l2,
-                torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))  # fmt: skip
+    info = dict(
+        gpu=torch.cuda.get_device_name(0),
+        sms=props.multi_processor_count,
+        l2_bytes=l2,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
     try:
         vllm = Vllm()
         info["vllm_ref"] = vllm.source
@@ -559,13 +693,23 @@ def main():
         log(f"[{time.time() - start:.0f}s] correctness done")
 
     if args.quick:
-        variants = {"auto": {}, "nopdl": dict(pdl=False), "fused": dict(path="fused"),
-                    "tile-naive": dict(path="tile", mode="naive"),
-                    "tile-grouped": dict(path="tile", mode="grouped")}  # fmt: skip
-        plan = [(model, rank, n_act, m) for model in MODELS for rank in GRID_RANKS
-                for n_act in (1, 8) for m in (1, 16, 64)]  # fmt: skip
-        plan += [(model, rank, 8, m) for model in MODELS for rank in GRID_RANKS
-                 for m in (256, 4096)]  # fmt: skip
+        variants = {
+            "auto": {},
+            "nopdl": dict(pdl=False),
+            "decode-fused": dict(mode="naive", decode="fused"),
+            "tile-naive": dict(mode="naive", decode="split"),
+            "tile-grouped": dict(mode="grouped"),
+        }
+        plan = [
+            (model, rank, n_act, m)
+            for model in MODELS
+            for rank in GRID_RANKS
+            for n_act in (1, 8)
+            for m in (1, 16, 64)
+        ]
+        plan += [
+            (model, rank, 8, m) for model in MODELS for rank in GRID_RANKS for m in (256, 4096)
+        ]
         skew_plan = []
     elif args.probe:
         variants = {}
@@ -573,13 +717,23 @@ def main():
         skew_plan = []
     elif args.tune:  # every grid cell, with the variants kernels/tune_moe_lora.py compares
         variants = TUNE_VARIANTS
-        plan = [(model, rank, n_act, m) for model in MODELS for rank in GRID_RANKS
-                for n_act in GRID_ADAPTERS for m in GRID_M]  # fmt: skip
+        plan = [
+            (model, rank, n_act, m)
+            for model in MODELS
+            for rank in GRID_RANKS
+            for n_act in GRID_ADAPTERS
+            for m in GRID_M
+        ]
         skew_plan = []
     else:
         variants = {"auto": {}}
-        plan = [(model, rank, n_act, m) for model in MODELS for rank in GRID_RANKS
-                for n_act in GRID_ADAPTERS for m in GRID_M]  # fmt: skip
+        plan = [
+            (model, rank, n_act, m)
+            for model in MODELS
+            for rank in GRID_RANKS
+            for n_act in GRID_ADAPTERS
+            for m in GRID_M
+        ]
         skew_plan = [(model, 16, 8, m) for model in MODELS for m in (16, 256, 4096)]
 
     rows = []
@@ -603,20 +757,31 @@ def main():
             else:
                 v = variants
             try:
-                r = time_cell(None if args.probe else vllm, groups[key], m, skew, gen, l2, v,
-                              info["peak_copy_gbps"])  # fmt: skip
+                r = time_cell(
+                    None if args.probe else vllm,
+                    groups[key],
+                    m,
+                    skew,
+                    gen,
+                    l2,
+                    v,
+                    info["peak_copy_gbps"],
+                )
             except Exception as exc:  # noqa: BLE001
                 log(f"cell {model} r{rank} a{n_act} M{m} failed: {exc!r}")
                 continue
             r["our_path"] = our_path_name(model, rank, m, n_act)
             p_ = m * MODELS[model]["top_k"]
-            r["block_m"] = ours._grouped_block_m(p_, n_act * MODELS[model]["experts"], rank)
+            r["block_m"] = grouped_block_m(_cfg(), p_, n_act * MODELS[model]["experts"], rank)
             rows.append(r)
             extra = " ".join(f"{n}={r[f'ours_{n}_us']:.1f}" for n in v)
-            log(f"[{time.time() - start:4.0f}s] {model} r{rank} a{n_act} M{m} "
+            log(
+                f"[{time.time() - start:4.0f}s] {model} r{rank} a{n_act} M{m} "
                 f"{'skew' if skew else 'unif'} L{r['layers']}: ours {r['ours_us']:.1f}us "
-                f"vllm {r.get('vllm_us', float('nan')):.1f}us x{r.get('speedup', float('nan')):.2f} "
-                f"floor {r['floor_pct']:.0f}% [{extra}] vllm:{r.get('vllm_path')}")  # fmt: skip
+                f"vllm {r.get('vllm_us', float('nan')):.1f}us "
+                f"x{r.get('speedup', float('nan')):.2f} "
+                f"floor {r['floor_pct']:.0f}% [{extra}] vllm:{r.get('vllm_path')}"
+            )
             results["timing"] = rows
             (out / "bench.json").write_text(json.dumps(results, indent=1))
     results["summary"] = summarize(rows)

@@ -1,14 +1,15 @@
-"""Derive the plan thresholds of kernels/triton_moe_lora.py from measurements on a GPU.
+"""Derive the plan thresholds of kernels/triton_plan.py from measurements on a GPU.
 
 Two steps:
-  1. on the GPU machine:  python -m kernels.bench --tune --out DIR
+  1. on the GPU machine:  python -m benchmarks.kernels.bench --tune --out DIR
      times every grid cell (GPT-OSS-20B and Qwen3-30B-A3B shapes, M in 1..4096, 1..32
      adapters, rank 16/64) under variants: the automatic plan, routing forced naive / grouped,
      expand prefetch off, PDL off, and the BLOCK_M neighbours of the default.
-  2. here:  python -m kernels.tune_moe_lora DIR/bench.json
+  2. here:  python -m benchmarks.kernels.tune_moe_lora DIR/bench.json
      picks each threshold by minimising the geometric mean, over the cells where it matters,
      of (time of the variant the rule would run) / (fastest measured variant), and writes
-     kernels/configs/h200.json, which the op reads at import.
+     kernels/configs/<GPU name>.json (the bench records torch.cuda.get_device_name), which the
+     op reads on that GPU only (kernels/triton_plan.py); other keys keep the file's values.
 
 Thresholds are independent rules of the batch shape (pairs P = M * top_k, groups S * E),
 never per-cell lookups, so batch sizes between grid points get sensible plans.
@@ -21,9 +22,11 @@ import json
 import math
 from pathlib import Path
 
-OUT = Path(__file__).with_name("configs") / "h200.json"
-TOPK = {"gpt-oss-20b": 4, "qwen3-30b-a3b": 8}
-EXPERTS = {"gpt-oss-20b": 32, "qwen3-30b-a3b": 128}
+from kernels.model_shapes import MODEL_SHAPES
+from kernels.triton_plan import CONFIG_DIR, config_file_name
+
+TOPK = {name: s.top_k for name, s in MODEL_SHAPES.items()}
+EXPERTS = {name: s.experts for name, s in MODEL_SHAPES.items()}
 INF = 1 << 30
 
 
@@ -50,9 +53,11 @@ def derive_mode(cells):
     best = None
     for T in (0, 4, 8, 16, 32, 64, 128, 256):
         for f in (0, 1, 2, 4, 8, 16):
-            def pick(c):
+
+            def pick(c, T=T, f=f):
                 naive = pairs(c) <= T or (f and pairs(c) * f <= groups(c))
                 return t(c, "naive" if naive else "grouped")
+
             cost = geomean(pick(c) / min(t(c, "naive"), t(c, "grouped")) for c in both)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, T, f)
@@ -65,9 +70,11 @@ def derive_switch(cells, off_variant, key, on_below: bool):
     cands = sorted({0, INF} | {pairs(c) for c in rows})
     best = None
     for T in cands:
-        def pick(c):
+
+        def pick(c, T=T):
             on = pairs(c) <= T if on_below else pairs(c) >= T
             return t(c, "auto" if on else off_variant)
+
         cost = geomean(pick(c) / min(t(c, "auto"), t(c, off_variant)) for c in rows)
         if best is None or cost < best[0] - 1e-9:
             best = (cost, T)
@@ -116,13 +123,19 @@ def main():
     }.items():
         plan.update(rule)
         evidence[name] = dict(rule=rule, geomean_time_over_best=cost, cells=n)
+    path = CONFIG_DIR / config_file_name(data["info"]["gpu"])
+    old = json.loads(path.read_text()) if path.is_file() else {"plan": {}}
     out = dict(
-        device=data["info"]["gpu"], torch=data["info"]["torch"], triton=data["info"]["triton"],
-        date=data["info"]["date"], source="python -m kernels.bench --tune; "
-        "python -m kernels.tune_moe_lora", plan=plan, evidence=evidence,
-    )  # fmt: skip
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps(out, indent=1) + "\n")
+        device=data["info"]["gpu"],
+        torch=data["info"]["torch"],
+        triton=data["info"]["triton"],
+        date=data["info"]["date"],
+        source="python -m benchmarks.kernels.bench --tune; "
+        "python -m benchmarks.kernels.tune_moe_lora",
+        plan={**old["plan"], **plan},
+        evidence=evidence,
+    )
+    path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
 
 

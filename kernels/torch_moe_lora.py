@@ -1,4 +1,4 @@
-"""PyTorch implementation of the MoE-LoRA op: the reference for the Triton kernels and the CPU path.
+"""PyTorch backend of the MoE-LoRA op (kernels/moe_lora.py): what runs on CPU.
 
 Vectorised over (token, expert) pairs: the pairs that have an adapter are gathered once, their
 (slot, expert) A/B blocks are gathered and applied with batched matmuls. Work is done in chunks
@@ -64,7 +64,7 @@ def add_moe_lora_w13(
     top_k = topk_ids.shape[1]
     n = lora_b[0].shape[2]
     out_pairs = out.view(-1, out.shape[-1])
-    for i, (a, b) in enumerate(zip(lora_a, lora_b)):
+    for i, (a, b) in enumerate(zip(lora_a, lora_b, strict=True)):
         cols = slice(i * n, (i + 1) * n)
         for c in _chunks(pairs.numel(), a, b):
             p = pairs[c]

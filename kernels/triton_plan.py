@@ -1,0 +1,170 @@
+"""The plan of one MoE-LoRA call on CUDA: which kernels run, with which block sizes.
+
+Rules of the batch shape only (pairs P = M * top_k, groups S * E, rank), never per-cell
+lookups, so batch sizes between measured points get sensible plans. Their thresholds come from
+ONE place, kernels/configs/: `defaults.json` holds every key (safe, untuned values for any GPU)
+and `<GPU name>.json` (torch.cuda.get_device_name with spaces as underscores, e.g.
+`NVIDIA_H200.json`, written by benchmarks/kernels/tune_moe_lora.py) overrides them on that GPU
+only. No threshold is written in code.
+
+`LaunchOptions` lets tests and benchmarks force one variant of the plan per call; production
+calls pass none.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+
+from kernels.triton_util import pow2_at_least
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Overrides of the automatic plan (None = let the plan decide). For tests and benchmarks."""
+
+    mode: str | None = None  # "naive" (a tile is one pair) | "grouped" (pairs of one block)
+    sorter: str | None = None  # grouped only: "onepass" | "count" (the pair sorter)
+    block_m: int | None = None  # grouped only: pairs per tile
+    decode: str | None = None  # naive only: "fused" (one launch) | "split" (shrink + expand)
+    # fused decode only: "barrier" (every program expands its own columns once all K-splits
+    # of its pair are in) | "last" (the last K-split to arrive expands all columns)
+    handoff: str | None = None
+    pdl: bool | None = None  # programmatic dependent launch
+    prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead
+    waves: int | None = None  # programs per launch, in multiples of the SM count
+    shrink: dict | None = None  # merged into tile_config's shrink block sizes
+    expand: dict | None = None  # merged into tile_config's expand block sizes
+
+
+DEFAULT_OPTIONS = LaunchOptions()
+
+
+def config_file_name(device_name: str) -> str:
+    return device_name.strip().replace(" ", "_").replace("/", "_") + ".json"
+
+
+@functools.cache
+def plan_config(device_name: str | None) -> dict:
+    """Plan thresholds for a GPU: defaults.json, overridden by that GPU's tuned file if any."""
+    cfg = json.loads((CONFIG_DIR / "defaults.json").read_text())["plan"]
+    if device_name:
+        tuned = CONFIG_DIR / config_file_name(device_name)
+        if tuned.is_file():
+            cfg = {**cfg, **json.loads(tuned.read_text())["plan"]}
+    return cfg
+
+
+def choose_mode(cfg: dict, num_pairs: int, num_groups: int, rank: int) -> str:
+    """naive (a tile is one pair, no sorting launch) while pairs rarely share a (slot, expert)
+    block and pairs x rank is small; grouped (each distinct block read once) otherwise."""
+    sparse = num_pairs * cfg["naive_sparsity"] <= num_groups
+    if num_pairs * rank >= cfg["grouped_min_pair_rank"]:
+        sparse = False
+    return "naive" if (num_pairs <= cfg["naive_max_pairs"] or sparse) else "grouped"
+
+
+def grouped_block_m(cfg: dict, num_pairs: int, num_groups: int, rank: int) -> int:
+    """Rows per grouped tile ~ the expected pairs per (slot, expert) group: bigger tiles re-read
+    each block less often; 16 is the tensor-core minimum."""
+    per_group = num_pairs / max(1, min(num_pairs, num_groups))
+    if per_group >= cfg["bm64_per_group"]:
+        return 64
+    if rank >= 64 and per_group >= cfg["bm64_r64_per_group"]:
+        return 64
+    if per_group >= cfg["bm32_per_group"] and num_pairs >= cfg["bm32_min_pairs"]:
+        return 32
+    return 16
+
+
+def choose_sorter(cfg: dict, num_pairs: int) -> str:
+    """The one-program sort while it beats the counting sort's launches."""
+    return "onepass" if num_pairs <= cfg["onepass_sort_max_pairs"] else "count"
+
+
+def decode_ctas(cfg: dict, sms: int) -> int:
+    """Most programs the fused decode kernel may launch. Its programs wait for each other, so
+    all of them must be resident at once: 2 per SM always fit (4 warps x 255 registers at most
+    is half the register file; the kernel uses a few KB of shared memory)."""
+    return cfg["decode_ctas_per_sm"] * sms
+
+
+def use_fused_decode(cfg: dict, num_pairs: int, sms: int) -> bool:
+    return num_pairs <= cfg["decode_fused_max_pairs"] and num_pairs <= decode_ctas(cfg, sms)
+
+
+def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int, sms: int):
+    """Human-readable name of what the automatic plan runs (benchmark tables)."""
+    groups = num_slots * num_experts
+    if choose_mode(cfg, num_pairs, groups, rank) == "naive":
+        return "decode-fused" if use_fused_decode(cfg, num_pairs, sms) else "tile-naive"
+    bm = grouped_block_m(cfg, num_pairs, groups, rank)
+    return f"tile-grouped-BM{bm}-{choose_sorter(cfg, num_pairs)}"
+
+
+def even_block_k(k: int, cap: int) -> int:
+    """Largest power-of-two block <= cap that divides K (unmasked loads), else cap."""
+    b = cap
+    while b >= 32:
+        if k % b == 0:
+            return b
+        b //= 2
+    return cap
+
+
+def tile_config(block_m: int, rank: int, k_dim: int) -> tuple[dict, dict]:
+    """(shrink, expand) block sizes of the tile kernels. Chosen from sm_90 compiles of every
+    combination (registers <= 255 without spills, loads pipelined with cp.async)."""
+    block_r = pow2_at_least(rank, 16)
+    shrink = dict(
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=even_block_k(k_dim, 128 if block_r <= 64 else 64),
+        num_warps=4,
+        num_stages=3,
+    )
+    # The expand holds B and out tiles of two column tiles (prefetch) for both slices: wide
+    # BLOCK_N only while that fits in registers.
+    if block_m >= 64:
+        expand = dict(BLOCK_N=64, num_warps=8)
+    elif block_m >= 32:
+        expand = dict(BLOCK_N=64, num_warps=8 if block_r >= 128 else 4)
+    else:
+        expand = dict(BLOCK_N=128 if block_r <= 32 else 64, num_warps=4)
+    expand.update(BLOCK_M=block_m, BLOCK_R=block_r, num_stages=3)
+    return shrink, expand
+
+
+# Elements of one weight tile ([BLOCK_R, BLOCK_K] of A or [BLOCK_N, BLOCK_R] of B) per slice in
+# the fused decode kernel: 4096 bf16 = 8 KB, 32 values per thread of 4 warps. Big enough that a
+# K-split is one or two loads, small enough for registers with both slices and the prefetch.
+_DECODE_TILE_ELEMS = 4096
+
+
+def decode_config(cfg: dict, num_pairs: int, rank: int, k_dim: int, n_dim: int, sms: int):
+    """(ksplit, k_per_split, tiles_per_split, block sizes) of the fused decode kernel: each
+    pair's K is split so every program loads ~one weight tile per slice (latency: one round
+    trip instead of a chain), as many splits as fit resident; the same programs then share the
+    pair's output columns."""
+    block_r = pow2_at_least(rank, 16)
+    cap = max(16, _DECODE_TILE_ELEMS // block_r)
+    block_k = min(cap, pow2_at_least(k_dim, 16))
+    k_steps = triton.cdiv(k_dim, block_k)
+    ksplit = max(1, min(k_steps, decode_ctas(cfg, sms) // max(1, num_pairs)))
+    k_per_split = triton.cdiv(k_steps, ksplit) * block_k
+    ksplit = triton.cdiv(k_dim, k_per_split)
+    if k_per_split == block_k:  # one step per split: shrink the tile to the split's K
+        block_k = pow2_at_least(triton.cdiv(k_dim, ksplit), 16)
+        k_per_split = block_k
+        ksplit = triton.cdiv(k_dim, k_per_split)
+    block_n = min(cap, pow2_at_least(triton.cdiv(n_dim, ksplit), 16))
+    n_tiles = triton.cdiv(n_dim, block_n)
+    tiles_per_split = triton.cdiv(n_tiles, ksplit)
+    meta = dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4, num_stages=1)
+    return ksplit, k_per_split, tiles_per_split, meta

@@ -1,0 +1,280 @@
+"""Cases of tests/kernels/test_triton_moe_lora.py: the Triton MoE-LoRA kernels against the
+oracle (tests/kernels/oracle.py) on CPU tensors under TRITON_INTERPRET=1 (this file is not
+collected by itself).
+
+Every execution path is forced in turn (the one-launch fused decode kernel, with the "last
+arriver expands" handoff: the interpreter runs programs one after another, so the GPU's
+"barrier" handoff cannot run here; the two-launch tile path with naive routing; the tile path
+with each pair sorter) plus the automatic choice. Shapes are tiny so the interpreter stays fast.
+Rows without an adapter must be bit-for-bit equal to the input.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Needs TRITON_INTERPRET=1 set when the process started: Triton reads it when it is first
+# imported, when @triton.jit decorates and while interpreted kernels run.
+# tests/kernels/test_triton_moe_lora.py arranges that.
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise ImportError("run with TRITON_INTERPRET=1 (see tests/kernels/test_triton_moe_lora.py)")
+try:
+    import triton
+    import triton.language as tl
+
+    from kernels import triton_moe_lora as tml
+    from kernels.triton_plan import LaunchOptions, decode_config, plan_config
+
+    @triton.jit
+    def _dot_probe(a_ptr, b_ptr, c_ptr):
+        o = tl.arange(0, 16)
+        a = tl.load(a_ptr + o[:, None] * 16 + o[None, :])
+        b = tl.load(b_ptr + o[:, None] * 16 + o[None, :])
+        tl.store(c_ptr + o[:, None] * 16 + o[None, :], tl.dot(a, b))
+
+except Exception as exc:  # noqa: BLE001 - any import failure means "cannot test here"
+    pytest.skip(f"triton kernels not importable: {exc!r}", allow_module_level=True)
+
+from tests.kernels.cases import check_against_oracle, make_case  # noqa: E402
+
+
+def _interpreter_dot_ok(dtype) -> bool:
+    """The Triton CPU interpreter computes bf16 tl.dot wrongly (fp16 is exact); the tile kernels
+    (tl.dot) can only be checked in dtypes where the interpreter itself is right."""
+    a, b = torch.randn(16, 16).to(dtype), torch.randn(16, 16).to(dtype)
+    c = torch.empty(16, 16)
+    _dot_probe[(1,)](a, b, c)
+    return bool(torch.allclose(c, a.float() @ b.float(), atol=1e-2, rtol=1e-2))
+
+
+PATHS = [
+    pytest.param(LaunchOptions(mode="naive", decode="fused"), id="decode-fused"),
+    pytest.param(LaunchOptions(mode="naive", decode="split"), id="tile-naive"),
+    pytest.param(LaunchOptions(mode="grouped", sorter="onepass"), id="tile-grouped-onepass"),
+    pytest.param(LaunchOptions(mode="grouped", sorter="count"), id="tile-grouped-count"),
+    pytest.param(LaunchOptions(), id="auto"),
+]
+
+
+def run(kind, c, options, enabled=None):
+    def call(out):
+        if kind == "w13":
+            tml.add_moe_lora_w13(
+                out,
+                c["x"],
+                c["topk_ids"],
+                c["token_slots"],
+                c["a13"],
+                c["b13"],
+                enabled,
+                options=options,
+            )
+        else:
+            tml.add_moe_lora_w2(
+                out,
+                c["h"],
+                c["topk_ids"],
+                c["topk_weights"],
+                c["token_slots"],
+                c["a2"],
+                c["b2"],
+                enabled,
+                options=options,
+            )
+
+    return call
+
+
+def check(kind, c, options, dtype, enabled=None):
+    return check_against_oracle(kind, c, run(kind, c, options, enabled), dtype, enabled)[0]
+
+
+# m, hidden, inter, experts, top_k, slots, rank
+SHAPES = [
+    pytest.param((1, 64, 48, 4, 2, 2, 16), id="M1"),
+    pytest.param((5, 96, 40, 8, 2, 3, 8), id="M5-r8-oddK"),
+    pytest.param((24, 64, 64, 4, 3, 2, 24), id="M24-r24"),
+    pytest.param((3, 200, 72, 4, 2, 2, 32), id="M3-r32-K200"),
+    pytest.param((1, 600, 520, 4, 2, 2, 16), id="M1-ksplit3"),  # decode: 3 K-splits
+]
+
+
+@pytest.mark.parametrize("options", PATHS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_paths_fp32(kind, shape, options):
+    check(kind, make_case(0, *shape, torch.float32), options, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", PATHS[:4])
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_paths_half(kind, options, dtype):
+    if options.decode != "fused" and not _interpreter_dot_ok(dtype):
+        pytest.skip(f"the Triton interpreter's tl.dot is wrong for {dtype}; checked on the GPU")
+    check(kind, make_case(1, 6, 64, 48, 4, 2, 3, 16, dtype), options, dtype)
+
+
+@pytest.mark.parametrize("sorter", ["onepass", "count"])
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_large_m_grouped_tiles_span_groups(kind, sorter):
+    # 1 slot, 2 experts: groups hold more pairs than one tile (BLOCK_M 16), so a group spans
+    # several tiles and the last tile of each group is partial.
+    c = make_case(2, 40, 32, 32, 2, 2, 1, 16, torch.float32, no_adapter=0.1)
+    check(kind, c, LaunchOptions(mode="grouped", sorter=sorter), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_rank_128(kind):
+    c = make_case(3, 3, 64, 32, 4, 2, 2, 128, torch.float32, mixed_ranks=False)
+    for options in [LaunchOptions(mode="naive", decode="fused"), LaunchOptions(mode="grouped")]:
+        check(kind, c, options, torch.float32)
+
+
+@pytest.mark.parametrize("options", PATHS[:4])
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_disabled_slots(kind, options):
+    c = make_case(4, 12, 32, 32, 4, 2, 4, 8, torch.float32, no_adapter=0.2)
+    enabled = torch.tensor([1, 0, 1, 0, 1], dtype=torch.int32)  # S + 1 entries, as vLLM
+    check(kind, c, options, torch.float32, enabled)
+
+
+@pytest.mark.parametrize("options", PATHS[:4])
+def test_no_adapter_batch_is_untouched(options):
+    c = make_case(5, 8, 32, 32, 4, 2, 2, 16, torch.float32, no_adapter=1.0)
+    for kind in ["w13", "w2"]:
+        check(kind, c, options, torch.float32)
+
+
+@pytest.mark.parametrize("options", PATHS[:4])
+def test_out_of_range_slot_is_ignored(options):
+    # A slot id >= S never indexes past the weights (nor aliases a slot).
+    c = make_case(6, 4, 32, 32, 4, 2, 2, 16, torch.float32, no_adapter=0.0)
+    c["token_slots"][0] = 7
+    check("w2", c, options, torch.float32)
+
+
+def test_decode_counters_are_left_zeroed():
+    # The fused decode kernel's tickets must be zero after every launch, or the next call
+    # (a CUDA-graph replay) would hand off too early.
+    c = make_case(7, 6, 64, 32, 4, 2, 2, 16, torch.float32, no_adapter=0.3)
+    check("w13", c, LaunchOptions(mode="naive", decode="fused"), torch.float32)
+    check("w2", c, LaunchOptions(mode="naive", decode="fused"), torch.float32)
+    assert int(tml._tickets(torch.device("cpu"), 1).abs().sum()) == 0
+
+
+def test_routing_is_reused_by_w2():
+    c = make_case(7, 20, 32, 32, 4, 2, 2, 16, torch.float32)
+    m, top_k = c["topk_ids"].shape
+    routing = tml.add_moe_lora_w13(
+        torch.zeros(m, top_k, 64),
+        c["x"],
+        c["topk_ids"],
+        c["token_slots"],
+        c["a13"],
+        c["b13"],
+        options=LaunchOptions(mode="grouped"),
+    )
+    assert routing.mode == "grouped"
+
+    def w2(out):
+        tml.add_moe_lora_w2(
+            out,
+            c["h"],
+            c["topk_ids"],
+            c["topk_weights"],
+            c["token_slots"],
+            c["a2"],
+            c["b2"],
+            routing=routing,
+        )
+
+    check_against_oracle("w2", c, w2, torch.float32)
+
+
+@pytest.mark.parametrize("sorter", ["onepass", "count"])
+def test_pair_sorter_groups_pairs(sorter):
+    c = make_case(8, 30, 32, 32, 4, 2, 3, 16, torch.float32)
+    r = tml.route_pairs(
+        c["topk_ids"],
+        c["token_slots"],
+        None,
+        3,
+        4,
+        16,
+        LaunchOptions(mode="grouped", sorter=sorter),
+    )
+    keys = c["token_slots"].long().repeat_interleave(2) * 4 + c["topk_ids"].reshape(-1).long()
+    active = c["token_slots"].repeat_interleave(2) >= 0
+    seen = []
+    for t in range(int(r.num_tiles)):
+        g, row0, cnt = int(r.tile_group[t]), int(r.tile_row0[t]), int(r.tile_cnt[t])
+        assert 0 < cnt <= r.block_m
+        pairs = r.sorted_pairs[row0 : row0 + cnt].long()
+        assert torch.all(keys[pairs] == g)
+        seen += pairs.tolist()
+    assert sorted(seen) == active.nonzero().squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("slices", [1, 3])
+def test_w13_other_slice_counts(slices):
+    # Non-gated MoE (one w13 slice) and > 2 slices (launched two at a time, then one).
+    c = make_case(9, 10, 32, 24, 4, 2, 2, 16, torch.float32)
+    g = torch.Generator().manual_seed(10)
+    c["a13"] = [torch.randn(2, 4, 16, 32, generator=g) / 6 for _ in range(slices)]
+    c["b13"] = [torch.randn(2, 4, 24, 16, generator=g) / 4 for _ in range(slices)]
+    for options in PATHS[:3]:
+        options = options.values[0]
+
+        def w13(out, options=options):
+            tml.add_moe_lora_w13(
+                out,
+                c["x"],
+                c["topk_ids"],
+                c["token_slots"],
+                c["a13"],
+                c["b13"],
+                options=options,
+            )
+
+        m, top_k = c["topk_ids"].shape
+        base = torch.randn(m, top_k, 24 * slices)
+        out = base.clone()
+        w13(out)
+        from tests.kernels import oracle
+
+        want = base.double() + oracle.w13_delta(
+            c["x"], c["topk_ids"], c["token_slots"], c["a13"], c["b13"]
+        )
+        assert (out.double() - want).abs().max() <= 1e-4 * (want - base.double()).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_bm64_without_prefetch_and_more_splits(kind):
+    # Plan variants of large batches: BLOCK_M 64 without the expand prefetch, and more K/N
+    # splits; both must stay exact.
+    c = make_case(5, 80, 64, 48, 2, 2, 1, 16, torch.float32, no_adapter=0.1)
+    for options in (
+        LaunchOptions(mode="grouped", block_m=64, prefetch=False),
+        LaunchOptions(mode="grouped", block_m=16, waves=8),
+    ):
+        check(kind, c, options, torch.float32)
+
+
+def test_decode_config_covers_k_and_n_within_the_resident_grid():
+    cfg = plan_config(None)
+    for pairs, rank, k, n in [
+        (4, 16, 2880, 5760),
+        (64, 64, 2048, 768),
+        (128, 16, 768, 2048),
+        (1, 128, 100, 37),
+        (264, 16, 2880, 2880),
+    ]:
+        ksplit, k_per, tiles_per, meta = decode_config(cfg, pairs, rank, k, n, sms=132)
+        assert k_per % meta["BLOCK_K"] == 0 and ksplit * k_per >= k > (ksplit - 1) * k_per
+        assert ksplit * tiles_per * meta["BLOCK_N"] >= n
+        assert pairs * ksplit <= cfg["decode_ctas_per_sm"] * 132 or ksplit == 1
+        assert meta["BLOCK_R"] * max(meta["BLOCK_K"], meta["BLOCK_N"]) <= 4096 or rank > 128

@@ -1,14 +1,16 @@
-"""Which model names a tenant may use: the base model, its own adapters and shared adapters.
+"""The adapter catalogue as the ingress sees it: which model names a tenant may use.
 
-An adapter of another tenant is answered exactly like a name that does not exist, so nobody can
-learn what other tenants have.
+A tenant may use the base model, its own adapters and shared adapters. An adapter of another
+tenant is answered exactly like a name that does not exist, so nobody can learn what other
+tenants have. The catalogue holds names and ownership only; paths are the engine's business.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from app.config import AdapterConfig, resolve_adapter_path
+from app.config import AdapterConfig
 from app.tenants import Tenant
 
 
@@ -19,7 +21,6 @@ class ModelNotFound(LookupError):
 @dataclass(frozen=True)
 class Adapter:
     name: str
-    path: str
     owner: str | None
     shared: bool
 
@@ -27,16 +28,14 @@ class Adapter:
         return self.shared or self.owner == tenant.name
 
 
-class AdapterRegistry:
-    def __init__(self, base_model: str, adapters: list[AdapterConfig]):
+class AdapterCatalog:
+    def __init__(self, base_model: str, adapters: Iterable[AdapterConfig]):
         self.base_model = base_model
-        self._adapters = {
-            a.name: Adapter(a.name, resolve_adapter_path(a.path), a.owner, a.shared)
-            for a in adapters
-        }
+        self._adapters = {a.name: Adapter(a.name, a.owner, a.shared) for a in adapters}
 
-    def paths(self) -> dict[str, str]:
-        return {name: a.path for name, a in self._adapters.items()}
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
 
     def resolve(self, model: str, tenant: Tenant) -> str | None:
         """The adapter to run for `model` (None: the base model), or ModelNotFound."""

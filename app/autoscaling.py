@@ -7,7 +7,8 @@ through `record_autoscaling_stats` (app/engine.py):
 
     load(replica) = max(kv_cache_usage / target_kv_cache_usage,
                         (running + waiting) / target_requests_per_replica)
-    desired       = ceil(sum of loads + requests queued at the handles / target_requests_per_replica)
+    desired       = ceil(sum of loads
+                         + requests queued at the handles / target_requests_per_replica)
 
 Serve still applies upscale/downscale delays and min/max replicas on top of the returned number.
 Use it with `autoscaling_config.policy: {policy_function: app.autoscaling:utilization_policy,
@@ -19,14 +20,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from app.contract import AutoscalingStat
+
 
 def utilization_policy(
     ctx, target_kv_cache_usage: float = 0.7, target_requests_per_replica: float = 32.0
 ) -> tuple[int, dict[str, Any]]:
     metrics = ctx.aggregated_metrics or {}
-    kv = metrics.get("kv_cache_usage", {})
-    running = metrics.get("running_requests", {})
-    waiting = metrics.get("waiting_requests", {})
+    kv = metrics.get(AutoscalingStat.KV_CACHE_USAGE.value, {})
+    running = metrics.get(AutoscalingStat.RUNNING_REQUESTS.value, {})
+    waiting = metrics.get(AutoscalingStat.WAITING_REQUESTS.value, {})
     replicas = set(kv) | set(running) | set(waiting)
     if replicas:
         load = sum(
@@ -40,5 +43,6 @@ def utilization_policy(
     else:  # no engine stats yet (replicas starting): fall back to request counts
         load = (ctx.total_num_requests or 0.0) / target_requests_per_replica
     desired = math.ceil(load - 1e-9)
-    desired = max(ctx.capacity_adjusted_min_replicas, min(ctx.capacity_adjusted_max_replicas, desired))
+    lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    desired = max(lo, min(hi, desired))
     return desired, {"load": load}

@@ -91,6 +91,27 @@ DEMO_ADAPTERS = (
 
 
 @dataclass(frozen=True)
+class DemoTenant:
+    """A demo tenant of the built-in model (tenants.demo.yaml holds the digest of its key)."""
+
+    name: str
+    api_key: str  # published in the README: for trying the demo config, never for a deployment
+    adapter: str  # its own adapter
+
+
+# The one source of the demo tenants, their keys and adapters (tests, load tests, docs).
+DEMO_TENANTS = (
+    DemoTenant("acme", "sk-acme-demo", "acme-support"),
+    DemoTenant("globex", "sk-globex-demo", "globex-legal"),
+    DemoTenant("initech", "sk-initech-demo", "initech-code"),
+    DemoTenant("umbrella", "sk-umbrella-demo", "umbrella-med"),
+)
+# Usable by every demo tenant; it serves initech-code's weights under another name.
+SHARED_DEMO_ADAPTER = "shared-assistant"
+SHARED_DEMO_ADAPTER_WEIGHTS = "initech-code"
+
+
+@dataclass(frozen=True)
 class BuiltinPaths:
     root: Path
 
@@ -115,35 +136,95 @@ def cache_root() -> Path:
 # --------------------------------------------------------------------------------------------
 
 _SUBJECTS = [
-    "the router", "a tenant", "the engine", "every adapter", "the scheduler", "our team",
-    "the model", "a replica", "the cluster", "each request", "the customer", "the kernel",
-    "a support agent", "the lawyer", "the doctor", "the developer", "the dashboard", "the queue",
+    "the router",
+    "a tenant",
+    "the engine",
+    "every adapter",
+    "the scheduler",
+    "our team",
+    "the model",
+    "a replica",
+    "the cluster",
+    "each request",
+    "the customer",
+    "the kernel",
+    "a support agent",
+    "the lawyer",
+    "the doctor",
+    "the developer",
+    "the dashboard",
+    "the queue",
 ]
 _VERBS = [
-    "sends", "receives", "loads", "evicts", "routes", "measures", "streams", "batches",
-    "answers", "reviews", "writes", "reads", "schedules", "caches", "checks", "explains",
+    "sends",
+    "receives",
+    "loads",
+    "evicts",
+    "routes",
+    "measures",
+    "streams",
+    "batches",
+    "answers",
+    "reviews",
+    "writes",
+    "reads",
+    "schedules",
+    "caches",
+    "checks",
+    "explains",
 ]
 _OBJECTS = [
-    "the prompt", "a completion", "the adapter weights", "every token", "the expert output",
-    "a fine-tuned model", "the contract", "the invoice", "a bug report", "the patient notes",
-    "a stack trace", "the metrics", "the latency budget", "a chat message", "the key",
+    "the prompt",
+    "a completion",
+    "the adapter weights",
+    "every token",
+    "the expert output",
+    "a fine-tuned model",
+    "the contract",
+    "the invoice",
+    "a bug report",
+    "the patient notes",
+    "a stack trace",
+    "the metrics",
+    "the latency budget",
+    "a chat message",
+    "the key",
 ]
 _TAILS = [
-    "before the deadline.", "on the shared GPU.", "without waiting.", "in one batch.",
-    "for the next tenant.", "with low latency.", "at the edge of the cache.", "as planned.",
-    "when the queue is full.", "after the warm-up.", "in plain English.", "twice a day.",
+    "before the deadline.",
+    "on the shared GPU.",
+    "without waiting.",
+    "in one batch.",
+    "for the next tenant.",
+    "with low latency.",
+    "at the edge of the cache.",
+    "as planned.",
+    "when the queue is full.",
+    "after the warm-up.",
+    "in plain English.",
+    "twice a day.",
 ]
 _QUESTIONS = [
-    "How do I reset my password?", "What does clause seven mean?", "Why is the build failing?",
-    "Can you summarise the report?", "Which dose is recommended?", "Where is my order?",
-    "What is a mixture of experts?", "How fast is the new kernel?", "Who owns this adapter?",
+    "How do I reset my password?",
+    "What does clause seven mean?",
+    "Why is the build failing?",
+    "Can you summarise the report?",
+    "Which dose is recommended?",
+    "Where is my order?",
+    "What is a mixture of experts?",
+    "How fast is the new kernel?",
+    "Who owns this adapter?",
 ]
 _ANSWERS = [
-    "Open the settings page and choose reset.", "It limits liability to direct damages.",
-    "A dependency changed its version.", "The report says sales grew by ten percent.",
-    "Follow the label and ask your doctor.", "It ships tomorrow morning.",
+    "Open the settings page and choose reset.",
+    "It limits liability to direct damages.",
+    "A dependency changed its version.",
+    "The report says sales grew by ten percent.",
+    "Follow the label and ask your doctor.",
+    "It ships tomorrow morning.",
     "Several small networks share the work and a router picks two of them.",
-    "It reads each weight once and runs twice as fast.", "Only the tenant that trained it.",
+    "It reads each weight once and runs twice as fast.",
+    "Only the tenant that trained it.",
 ]
 
 
@@ -245,9 +326,11 @@ def lora_target_shapes() -> dict[str, tuple[int, int]]:
     """HF module name (without `base_model.model.`) -> (in_features, out_features)."""
     c = MODEL_CONFIG
     h, hd = c["hidden_size"], c["head_dim"]
-    q_out, kv_out, inter = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd, c[
-        "moe_intermediate_size"
-    ]
+    q_out, kv_out, inter = (
+        c["num_attention_heads"] * hd,
+        c["num_key_value_heads"] * hd,
+        c["moe_intermediate_size"],
+    )
     shapes = {}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."

@@ -1,5 +1,9 @@
 """Configuration of the whole application: the `args` of serve_config.yaml, validated by pydantic.
 
+Validated once, in `app.main.build_app`; each deployment is then bound with only the typed
+pieces it needs (the ingress: tenants, adapter names and policies; the engine: engine settings
+and adapter paths). Nothing here touches the file system beyond reading `tenants_file`.
+
 Tenants, their API keys (stored as sha256 hex digests, never in clear) and their adapters are
 declared inline or in a YAML file named by `tenants_file`. Validation errors name the bad field,
 e.g. `adapters.2.owner: owner 'globx' is not a declared tenant`.
@@ -14,8 +18,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.builtin_model import BUILTIN_MODEL_NAME
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-BUILTIN = "builtin"
+BUILTIN = "builtin"  # engine.model: the built-in model; adapter path "builtin:<name>": its adapters
 
 
 class _Strict(BaseModel):
@@ -57,7 +63,7 @@ class EngineConfig(_Strict):
     argument by its Python name (e.g. {enable_prefix_caching: true})."""
 
     model: str = BUILTIN  # a local model directory, or "builtin"
-    served_model_name: str = Field(default="builtin-moe", pattern=NAME_PATTERN)
+    served_model_name: str = Field(default=BUILTIN_MODEL_NAME, pattern=NAME_PATTERN)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     max_loras: int = Field(default=4, ge=1, description="adapter slots in one batch")
     max_cpu_loras: int = Field(default=8, ge=1, description="adapters cached in CPU memory")
@@ -90,7 +96,7 @@ class EngineDeploymentConfig(_Strict):
     env_vars: dict[str, str] = Field(default_factory=dict)
 
 
-class RouterDeploymentConfig(_Strict):
+class IngressDeploymentConfig(_Strict):
     """Ray Serve settings of the HTTP ingress. It only awaits engines, so one replica holds many
     requests; more replicas add HTTP parsing capacity, not model capacity."""
 
@@ -100,6 +106,8 @@ class RouterDeploymentConfig(_Strict):
 
 
 class RoutingConfig(_Strict):
+    """The adapter-aware request router (app/request_router.py)."""
+
     # An adapter-holding replica is preferred only while its queue is at most this much longer
     # than the least-loaded replica's; beyond that the request goes where capacity is.
     imbalance_threshold: int = Field(default=8, ge=0)
@@ -109,7 +117,7 @@ class RoutingConfig(_Strict):
 class AppConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
-    router: RouterDeploymentConfig = Field(default_factory=RouterDeploymentConfig)
+    ingress: IngressDeploymentConfig = Field(default_factory=IngressDeploymentConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     tenants: list[TenantConfig] = Field(default_factory=list)
     adapters: list[AdapterConfig] = Field(default_factory=list)
@@ -128,6 +136,11 @@ class AppConfig(_Strict):
                 raise ValueError(f"adapter {a.name!r} has the base model's name")
         return self
 
+    @property
+    def adapter_paths(self) -> dict[str, str]:
+        """What the engine needs of the adapters: where each one's files are."""
+        return {a.name: a.path for a in self.adapters}
+
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> AppConfig:
         """From serve_config.yaml's `args`; `tenants_file` may hold `tenants` and `adapters`."""
@@ -145,19 +158,3 @@ def _no_duplicates(values: list[str], what: str) -> None:
         if v in seen:
             raise ValueError(f"duplicate entry in {what}: {v if what != 'api_key_sha256' else '…'}")
         seen.add(v)
-
-
-def resolve_model_path(model: str) -> str:
-    if model == BUILTIN:
-        from app.builtin_model import ensure_builtin_model
-
-        return str(ensure_builtin_model().model)
-    return model
-
-
-def resolve_adapter_path(path: str) -> str:
-    if path.startswith(f"{BUILTIN}:"):
-        from app.builtin_model import ensure_builtin_model
-
-        return str(ensure_builtin_model().adapter(path.split(":", 1)[1]))
-    return path

@@ -1,56 +1,55 @@
-"""Engine deployment: one vLLM AsyncLLM per replica, behind vLLM's own OpenAI serving layer.
+"""The engine deployment: one vLLM AsyncLLM per replica, behind vLLM's own OpenAI serving layer.
 
-Requests arrive already authenticated and resolved by the router: a vLLM protocol request whose
-`model` is the base model or an adapter name. Chat templating, sampling-parameter validation,
-streaming chunk format and usage accounting are vLLM's (OpenAIServingChat/Completion), so clients
-see exactly what `vllm serve` sends. This deployment adds what a multi-tenant fleet needs:
-adapters loaded on demand from the catalog, and the replica's state published for routing
-(which adapters are resident) and autoscaling (queue and KV-cache use).
+Requests arrive already authenticated and resolved by the ingress: a vLLM protocol request whose
+`model` is the base model or an adapter name, the adapter also being the handle's multiplexed
+model id (app/contract.py). Chat templating, sampling-parameter validation, streaming chunk
+format and usage accounting are vLLM's (OpenAIServingChat/Completion), so clients see exactly
+what `vllm serve` sends. This module adds what a multi-tenant fleet needs: adapters loaded on
+demand from the replica's catalogue, replies in the typed contract, and the replica's state
+published for request routing (resident adapters) and autoscaling (queue and KV-cache use).
+
+`VLLMEngine` holds the engine and knows nothing of Ray; `EngineDeployment` is the thin Ray Serve
+replica around it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray import serve
 
-from app.config import AppConfig, EngineConfig, resolve_model_path
+from app.config import EngineConfig
+from app.contract import AutoscalingStat, ReplyHead, ReplyItem, ReplyKind, ReplyTail, RoutingStats
+from app.logs import get_logger
+from app.model_files import resolve_adapter_path, resolve_model_path
 
-logger = logging.getLogger(__name__)
-
-# Keys of the routing stats a replica publishes (read by app.routing.AdapterAffinityRouter).
-STAT_ACCELERATOR_ADAPTERS = "accelerator_adapters"
-STAT_CPU_ADAPTERS = "cpu_adapters"
-STAT_RUNNING = "running"
-STAT_WAITING = "waiting"
-STAT_KV_CACHE_USAGE = "kv_cache_usage"
+logger = get_logger("engine")
 
 
 @dataclass
-class EngineLoad:
+class SchedulerLoad:
     """Latest scheduler state, filled by the stat logger on every engine step."""
 
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
-    running_adapters: tuple[str, ...] = ()
     # Adapters most recently scheduled, oldest first: vLLM evicts accelerator slots LRU, so the
     # last `max_loras` distinct adapters that ran are the ones resident in the slots.
-    recent_adapters: OrderedDict = field(default_factory=OrderedDict)
+    recent_adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
-def make_stat_logger_factory(load: EngineLoad, max_loras: int):
+def make_stat_logger_factory(load: SchedulerLoad, max_loras: int):
+    """A vLLM stat logger class that copies each step's scheduler stats into `load`."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
-    class LoadRecorder(StatLoggerBase):
+    class SchedulerLoadRecorder(StatLoggerBase):
         def __init__(self, vllm_config, engine_index: int = 0):
             pass
 
@@ -58,11 +57,11 @@ def make_stat_logger_factory(load: EngineLoad, max_loras: int):
             if scheduler_stats is None:
                 return
             load.running = scheduler_stats.num_running_reqs
-            load.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            load.waiting = (
+                scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+            )
             load.kv_cache_usage = scheduler_stats.kv_cache_usage
-            running = tuple(scheduler_stats.running_lora_adapters)
-            load.running_adapters = running
-            for name in running:
+            for name in scheduler_stats.running_lora_adapters:
                 load.recent_adapters.pop(name, None)
                 load.recent_adapters[name] = None
             while len(load.recent_adapters) > max_loras:
@@ -71,7 +70,7 @@ def make_stat_logger_factory(load: EngineLoad, max_loras: int):
         def log_engine_initialized(self):
             pass
 
-    return LoadRecorder
+    return SchedulerLoadRecorder
 
 
 def vllm_cli_args(cfg: EngineConfig) -> list[str]:
@@ -106,13 +105,23 @@ def vllm_cli_args(cfg: EngineConfig) -> list[str]:
     return flags
 
 
-class LLMEngine:
-    """The vLLM engine and its OpenAI serving objects (no Ray here: testable on its own)."""
+def _serving_request():
+    """The `raw_request` vLLM's serving methods take: a server-made Starlette request with no
+    client headers (a client never reaches vLLM's header-driven knobs such as priority or
+    data-parallel rank), whose `state` receives vLLM's final usage of the request."""
+    from starlette.requests import Request
 
-    def __init__(self, cfg: EngineConfig, adapter_paths: dict[str, str]):
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": []})
+
+
+class VLLMEngine:
+    """The vLLM engine, its OpenAI serving objects and this replica's adapter catalogue."""
+
+    def __init__(self, cfg: EngineConfig, adapter_paths: dict[str, str], replica_id: str = ""):
         self.cfg = cfg
         self.adapter_paths = adapter_paths
-        self.load = EngineLoad()
+        self.replica_id = replica_id
+        self.load = SchedulerLoad()
         self.engine = None
         self.serving_chat = None
         self.serving_completion = None
@@ -157,79 +166,114 @@ class LLMEngine:
         if name is None or name in self.models.lora_requests:
             return None
         path = self.adapter_paths.get(name)
-        if path is None:  # the router resolved it, so the catalogs disagree: a deploy bug
-            raise KeyError(f"adapter {name!r} is not in this replica's catalog")
+        if path is None:  # the ingress resolved it, so the catalogues disagree: a deploy bug
+            raise KeyError(f"adapter {name!r} is not in this replica's catalogue")
         async with self._adapter_locks.setdefault(name, asyncio.Lock()):
             if name in self.models.lora_requests:  # a concurrent request loaded it meanwhile
                 return None
+            t0 = time.monotonic()
             result = await self.models.load_lora_adapter(
-                LoadLoRAAdapterRequest(lora_name=name, lora_path=path)
+                LoadLoRAAdapterRequest(lora_name=name, lora_path=resolve_adapter_path(path))
             )
+            logger.info("adapter %s registered in %.3fs", name, time.monotonic() - t0)
         return result if not isinstance(result, str) else None
 
     async def cpu_resident_adapters(self) -> list[str]:
         ids = await self.engine.list_loras()
         return [n for n, r in self.models.lora_requests.items() if r.lora_int_id in ids]
 
+    def chat(self, request, adapter: str | None) -> AsyncIterator[ReplyItem]:
+        serving = self.serving_chat
+        return self._reply(serving, serving.create_chat_completion, request, adapter)
 
-@serve.deployment(name="LLMEngine")
+    def completion(self, request, adapter: str | None) -> AsyncIterator[ReplyItem]:
+        serving = self.serving_completion
+        return self._reply(serving, serving.create_completion, request, adapter)
+
+    async def _reply(
+        self, serving, create: Callable[..., Awaitable[Any]], request, adapter: str | None
+    ) -> AsyncIterator[ReplyItem]:
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        error = await self.ensure_adapter(adapter)
+        if error is not None:
+            yield self._error_head(error)
+            return
+        raw_request = _serving_request()
+        try:
+            result = await create(request, raw_request)
+        except Exception as exc:  # noqa: BLE001 - vLLM maps its validation errors to 400s
+            # The same mapping vLLM's own API server applies to exceptions from these calls.
+            result = serving.create_error_response(exc)
+        if isinstance(result, ErrorResponse):
+            yield self._error_head(result)
+        elif hasattr(result, "__aiter__"):
+            yield ReplyHead(self.replica_id, ReplyKind.STREAM)
+            async for chunk in result:
+                yield chunk
+            usage = getattr(raw_request.state, "request_metadata", None)
+            usage = usage.final_usage_info if usage is not None else None
+            yield ReplyTail(
+                usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None
+            )
+        else:
+            usage = result.usage
+            yield ReplyHead(
+                self.replica_id,
+                ReplyKind.JSON,
+                body=result.model_dump_json().encode(),
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+            )
+
+    def _error_head(self, error) -> ReplyHead:
+        return ReplyHead(
+            self.replica_id, ReplyKind.ERROR, error.error.code, error.model_dump_json().encode()
+        )
+
+    async def routing_stats(self) -> RoutingStats:
+        load = self.load
+        return RoutingStats(
+            accelerator_adapters=list(load.recent_adapters),
+            cpu_adapters=await self.cpu_resident_adapters(),
+            running=load.running,
+            waiting=load.waiting,
+            kv_cache_usage=load.kv_cache_usage,
+        )
+
+
+@serve.deployment(name="Engine")
 class EngineDeployment:
-    """Ray Serve replica wrapping one LLMEngine. Streams vLLM's responses back to the router as
-    (kind, payload) items: ("error", dict), ("json", dict) or ("sse", str) chunks."""
+    """Ray Serve replica around one VLLMEngine: one method per endpoint (app/contract.py)."""
 
-    async def __init__(self, config: dict[str, Any]):
-        from app.adapters import AdapterRegistry
-
-        cfg = AppConfig.model_validate(config)
-        registry = AdapterRegistry(cfg.engine.served_model_name, cfg.adapters)
-        self.llm = LLMEngine(cfg.engine, registry.paths())
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+    async def __init__(self, engine: EngineConfig, adapter_paths: dict[str, str]):
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.llm = VLLMEngine(engine, adapter_paths, replica_id)
         # Start the engine in the constructor: the replica counts as running (and gets traffic)
         # only once vLLM is ready to serve.
         t0 = time.monotonic()
         await self.llm.start()
         logger.info("vLLM engine started in %.1fs", time.monotonic() - t0)
 
-    async def generate(self, kind: str, request, adapter: str | None) -> AsyncIterator:
-        """kind: "chat" or "completion"; request: the vLLM protocol request object."""
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+    # Async generator methods, so Ray Serve streams them on its event loop (a plain method
+    # returning a generator would count as a sync method).
+    async def chat(self, request) -> AsyncIterator[ReplyItem]:
+        async for item in self.llm.chat(request, serve.get_multiplexed_model_id() or None):
+            yield item
 
-        yield ("replica", self.replica_id)
-        error = await self.llm.ensure_adapter(adapter)
-        if error is not None:
-            yield ("error", error.model_dump())
-            return
-        serving = self.llm.serving_chat if kind == "chat" else self.llm.serving_completion
-        create = serving.create_chat_completion if kind == "chat" else serving.create_completion
-        try:
-            result = await create(request, None)
-        except Exception as exc:  # noqa: BLE001 - vLLM maps its validation errors to 400s
-            # The same mapping vLLM's own API server applies to exceptions from these calls.
-            result = serving.create_error_response(exc)
-        if hasattr(result, "__aiter__"):
-            async for chunk in result:
-                yield ("sse", chunk)
-        elif isinstance(result, ErrorResponse):
-            yield ("error", result.model_dump())
-        else:
-            yield ("json", result.model_dump(exclude_none=False))
+    async def completion(self, request) -> AsyncIterator[ReplyItem]:
+        async for item in self.llm.completion(request, serve.get_multiplexed_model_id() or None):
+            yield item
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        load = self.llm.load
-        return {
-            STAT_ACCELERATOR_ADAPTERS: list(load.recent_adapters),
-            STAT_CPU_ADAPTERS: await self.llm.cpu_resident_adapters(),
-            STAT_RUNNING: load.running,
-            STAT_WAITING: load.waiting,
-            STAT_KV_CACHE_USAGE: load.kv_cache_usage,
-        }
+        return (await self.llm.routing_stats()).as_dict()
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         load = self.llm.load
         return {
-            "running_requests": float(load.running),
-            "waiting_requests": float(load.waiting),
-            "kv_cache_usage": float(load.kv_cache_usage),
+            AutoscalingStat.RUNNING_REQUESTS.value: float(load.running),
+            AutoscalingStat.WAITING_REQUESTS.value: float(load.waiting),
+            AutoscalingStat.KV_CACHE_USAGE.value: float(load.kv_cache_usage),
         }
 
     async def check_health(self) -> None:
@@ -237,6 +281,7 @@ class EngineDeployment:
 
 
 def engine_env_vars(extra: dict[str, str]) -> dict[str, str]:
+    """Environment of an engine replica. On CPU, vLLM sizes its KV cache from this (GiB)."""
     env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     env.update(extra)
     return env

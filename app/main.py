@@ -1,4 +1,9 @@
-"""`import_path: app.main:build_app` of serve_config.yaml: the router in front of the engines."""
+"""`import_path: app.main:build_app` of serve_config.yaml: the ingress in front of the engines.
+
+The config is validated here, once; each deployment is bound with the typed pieces it needs:
+the engine its settings and adapter paths, the ingress tenants (key digests), adapter names and
+ownership, and a handle to the engine deployment.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,16 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from app.adapters import AdapterCatalog
 from app.config import AppConfig
 from app.engine import EngineDeployment, engine_env_vars
-from app.router import Router
+from app.ingress import Ingress
+from app.tenants import TenantDirectory
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """Validates the whole config first, so a bad field fails `serve run` before anything starts."""
+    """A bad field fails `serve run` here, before anything starts."""
     cfg = AppConfig.from_args(args)
-    config = cfg.model_dump()
     dep = cfg.deployment
     actor_options = dict(dep.ray_actor_options)
     runtime_env = dict(actor_options.pop("runtime_env", {}) or {})
@@ -27,7 +33,7 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options=actor_options,
         health_check_period_s=dep.health_check_period_s,
         request_router_config=RequestRouterConfig(
-            request_router_class="app.routing:AdapterAffinityRouter",
+            request_router_class="app.request_router:AdapterAffinityRequestRouter",
             request_router_kwargs={"imbalance_threshold": cfg.routing.imbalance_threshold},
             request_routing_stats_period_s=cfg.routing.stats_period_s,
         ),
@@ -36,10 +42,15 @@ def build_app(args: dict[str, Any]) -> Application:
         options["autoscaling_config"] = dep.autoscaling_config
     else:
         options["num_replicas"] = dep.num_replicas
-    engine = EngineDeployment.options(**options).bind(config)
-    router = cfg.router
-    return Router.options(
-        num_replicas=router.num_replicas,
-        max_ongoing_requests=router.max_ongoing_requests,
-        ray_actor_options=router.ray_actor_options,
-    ).bind(engine, config)
+    engine = EngineDeployment.options(**options).bind(cfg.engine, cfg.adapter_paths)
+    ingress = cfg.ingress
+    return Ingress.options(
+        num_replicas=ingress.num_replicas,
+        max_ongoing_requests=ingress.max_ongoing_requests,
+        ray_actor_options=ingress.ray_actor_options,
+    ).bind(
+        engine,
+        TenantDirectory(cfg.tenants),
+        AdapterCatalog(cfg.engine.served_model_name, cfg.adapters),
+        cfg.retry_after_s,
+    )

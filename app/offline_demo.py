@@ -17,16 +17,22 @@ def main() -> None:
 
     paths = ensure_builtin_model()
     llm = LLM(
-        model=str(paths.model), dtype="bfloat16", enable_lora=True, max_loras=len(DEMO_ADAPTERS),
-        max_lora_rank=16, max_model_len=512, gpu_memory_utilization=0.3, enforce_eager=True,
-    )  # fmt: skip
+        model=str(paths.model),
+        dtype="bfloat16",
+        enable_lora=True,
+        max_loras=len(DEMO_ADAPTERS),
+        max_lora_rank=16,
+        max_model_len=512,
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+    )
     messages = [{"role": "user", "content": "Where is my order?"}]
     params = SamplingParams(max_tokens=24, temperature=0.0)
     requests = [None] + [
         LoRARequest(a.name, i + 1, str(paths.adapter(a.name))) for i, a in enumerate(DEMO_ADAPTERS)
     ]
     outputs = llm.chat([messages] * len(requests), params, lora_request=requests, use_tqdm=False)
-    for req, out in zip(requests, outputs):
+    for req, out in zip(requests, outputs, strict=True):
         print(f"{req.lora_name if req else 'base':>14}: {out.outputs[0].text!r}")
 
 

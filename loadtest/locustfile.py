@@ -1,9 +1,9 @@
 """Locust load test: demo tenants streaming chat completions through their own adapters.
 
-    .venv/bin/locust -f loadtest/locustfile.py --headless -u 8 -r 2 -t 60s -H http://localhost:8000 \
-        --csv /tmp/moelora --html /tmp/moelora.html
+    .venv/bin/locust -f loadtest/locustfile.py --headless -u 8 -r 2 -t 60s \
+        -H http://localhost:8000 --csv /tmp/moelora --html /tmp/moelora.html
 
-Each simulated user is one tenant (keys from tenants.demo.yaml) and sends streaming chat
+Each simulated user is one demo tenant (app.builtin_model.DEMO_TENANTS) and sends streaming chat
 requests to its own adapter, sometimes to the base model. Besides the request itself, it reports
 `time_to_first_token` and `inter_token_latency` (ms) as their own Locust entries, so the summary
 table and CSV carry their percentiles. Set MOELORA_MAX_TOKENS to change the output length.
@@ -18,21 +18,29 @@ import time
 
 from locust import HttpUser, between, events, task
 
-TENANTS = [
-    ("sk-acme-demo", "acme-support"),
-    ("sk-globex-demo", "globex-legal"),
-    ("sk-initech-demo", "initech-code"),
-    ("sk-umbrella-demo", "umbrella-med"),
-]
-BASE_MODEL = os.environ.get("MOELORA_BASE_MODEL", "builtin-moe")
+from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_TENANTS
+
+TENANTS = [(t.api_key, t.adapter) for t in DEMO_TENANTS]
+BASE_MODEL = os.environ.get("MOELORA_BASE_MODEL", BUILTIN_MODEL_NAME)
 MAX_TOKENS = int(os.environ.get("MOELORA_MAX_TOKENS", "64"))
-PROMPTS = ["Where is my order?", "What does clause seven mean?", "Why is the build failing?",
-           "Can you summarise the report?", "Which dose is recommended?"]  # fmt: skip
+PROMPTS = [
+    "Where is my order?",
+    "What does clause seven mean?",
+    "Why is the build failing?",
+    "Can you summarise the report?",
+    "Which dose is recommended?",
+]
 
 
 def _metric(name: str, ms: float, length: int = 0) -> None:
-    events.request.fire(request_type="METRIC", name=name, response_time=ms,
-                        response_length=length, exception=None, context={})  # fmt: skip
+    events.request.fire(
+        request_type="METRIC",
+        name=name,
+        response_time=ms,
+        response_length=length,
+        exception=None,
+        context={},
+    )
 
 
 class Tenant(HttpUser):
@@ -44,14 +52,24 @@ class Tenant(HttpUser):
     @task
     def stream_chat(self) -> None:
         model = self.adapter if random.random() < 0.9 else BASE_MODEL
-        body = {"model": model, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0.7,
-                "messages": [{"role": "user", "content": random.choice(PROMPTS)}]}  # fmt: skip
+        body = {
+            "model": model,
+            "stream": True,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.7,
+            "messages": [{"role": "user", "content": random.choice(PROMPTS)}],
+        }
         start = time.perf_counter()
         first = last = None
         tokens = 0
-        with self.client.post("/v1/chat/completions", json=body, stream=True, catch_response=True,
-                              headers={"Authorization": f"Bearer {self.key}"},
-                              name=f"chat {'adapter' if model != BASE_MODEL else 'base'}") as resp:  # fmt: skip
+        with self.client.post(
+            "/v1/chat/completions",
+            json=body,
+            stream=True,
+            catch_response=True,
+            headers={"Authorization": f"Bearer {self.key}"},
+            name=f"chat {'adapter' if model != BASE_MODEL else 'base'}",
+        ) as resp:
             if resp.status_code != 200:
                 resp.failure(f"{resp.status_code}: {resp.text[:200]}")
                 return

@@ -1,5 +1,5 @@
-"""Latency the router adds: the same 1-token chat request through HTTP + Router deployment, and
-straight to the engine deployment's handle from the driver (no HTTP, no auth, no routing layer).
+"""Latency the ingress adds: the same 1-token chat request through HTTP + the Ingress deployment,
+and straight to the engine deployment's handle from the driver (no HTTP, no auth).
 
     .venv/bin/python -m loadtest.router_overhead [--requests 200]
 
@@ -33,6 +33,8 @@ def main() -> None:
     from ray import serve
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
+    from app.builtin_model import DEMO_TENANTS
+    from app.contract import ReplyHead, ReplyKind
     from app.main import build_app
 
     root = Path(__file__).resolve().parents[1]
@@ -44,11 +46,18 @@ def main() -> None:
     serve.run(build_app(app_args), name="moelora", route_prefix="/")
     start_s = time.monotonic() - t0
 
-    body = {"model": "acme-support", "max_tokens": 1, "temperature": 0,
-            "messages": [{"role": "user", "content": "Where is my order?"}]}  # fmt: skip
-    http = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60,
-                        headers={"Authorization": "Bearer sk-acme-demo"})  # fmt: skip
-    engine = serve.get_deployment_handle("LLMEngine", app_name="moelora")
+    tenant = DEMO_TENANTS[0]
+    body = {
+        "model": tenant.adapter,
+        "max_tokens": 1,
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "Where is my order?"}],
+    }
+    auth = {"Authorization": f"Bearer {tenant.api_key}"}
+    http = httpx.Client(base_url=f"http://127.0.0.1:{PORT}", timeout=60, headers=auth)
+    engine = serve.get_deployment_handle("Engine", app_name="moelora").options(
+        stream=True, multiplexed_model_id=tenant.adapter
+    )
 
     def via_router():
         r = http.post("/v1/chat/completions", json=body)
@@ -56,14 +65,11 @@ def main() -> None:
 
     def via_handle():
         request = ChatCompletionRequest.model_validate(body)
-        gen = engine.options(stream=True, multiplexed_model_id="acme-support").generate.remote(
-            "chat", request, "acme-support"
-        )
-        items = list(gen)
-        assert items[-1][0] == "json", items
+        items = list(engine.chat.remote(request))
+        assert isinstance(items[0], ReplyHead) and items[0].kind is ReplyKind.JSON, items
 
     timings = {}
-    for name, fn in [("router (HTTP)", via_router), ("engine handle", via_handle)]:
+    for name, fn in [("ingress (HTTP)", via_router), ("engine handle", via_handle)]:
         for _ in range(10):  # warm-up
             fn()
         samples = []
@@ -76,9 +82,10 @@ def main() -> None:
     print(f"engine replica start (serve.run until ready): {start_s:.1f} s")
     print(f"{'path':<16} {'p50 ms':>8} {'p90 ms':>8} {'mean ms':>8}")
     for name, s in timings.items():
-        print(f"{name:<16} {percentile(s, .5):>8.2f} {percentile(s, .9):>8.2f} {statistics.mean(s):>8.2f}")
-    added = percentile(timings["router (HTTP)"], .5) - percentile(timings["engine handle"], .5)
-    print(f"router adds (p50 difference): {added:.2f} ms")
+        p50, p90, mean = percentile(s, 0.5), percentile(s, 0.9), statistics.mean(s)
+        print(f"{name:<16} {p50:>8.2f} {p90:>8.2f} {mean:>8.2f}")
+    added = percentile(timings["ingress (HTTP)"], 0.5) - percentile(timings["engine handle"], 0.5)
+    print(f"ingress adds (p50 difference): {added:.2f} ms")
     serve.shutdown()
     ray.shutdown()
 

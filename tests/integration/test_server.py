@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,17 +19,15 @@ import httpx
 import openai
 import pytest
 
-from app.builtin_model import DEMO_ADAPTERS
+from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_ADAPTERS, DEMO_TENANTS, SHARED_DEMO_ADAPTER
 
 pytestmark = pytest.mark.engine
 
 PORT = 8765
 BASE_URL = f"http://127.0.0.1:{PORT}"
-KEYS = {"acme": "sk-acme-demo", "globex": "sk-globex-demo", "initech": "sk-initech-demo",
-        "umbrella": "sk-umbrella-demo"}  # fmt: skip
-OWN_ADAPTER = {"acme": "acme-support", "globex": "globex-legal", "initech": "initech-code",
-               "umbrella": "umbrella-med"}  # fmt: skip
-BASE = "builtin-moe"
+KEYS = {t.name: t.api_key for t in DEMO_TENANTS}
+OWN_ADAPTER = {t.name: t.adapter for t in DEMO_TENANTS}
+BASE = BUILTIN_MODEL_NAME
 MAX_MODEL_LEN = 256
 MESSAGES = [{"role": "user", "content": "Where is my order?"}]
 
@@ -39,19 +38,26 @@ def app_args() -> dict:
     demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "tenants.demo.yaml").read_text())
     return {
         "engine": {
-            "model": "builtin", "served_model_name": BASE, "dtype": "float32",
-            "max_loras": 2, "max_cpu_loras": 3,  # 5 adapters: more than slots and CPU cache
-            "max_lora_rank": 16, "max_model_len": MAX_MODEL_LEN, "max_num_seqs": 16,
+            "model": "builtin",
+            "served_model_name": BASE,
+            "dtype": "float32",
+            "max_loras": 2,
+            "max_cpu_loras": 3,  # 5 adapters: more than slots and CPU cache
+            "max_lora_rank": 16,
+            "max_model_len": MAX_MODEL_LEN,
+            "max_num_seqs": 16,
             "enforce_eager": True,
         },
         "deployment": {
-            "num_replicas": 2, "max_ongoing_requests": 6, "max_queued_requests": 16,
+            "num_replicas": 2,
+            "max_ongoing_requests": 6,
+            "max_queued_requests": 16,
             "ray_actor_options": {"num_cpus": 1},
         },
         "routing": {"imbalance_threshold": 2, "stats_period_s": 0.5},
         "tenants": demo["tenants"],
         "adapters": demo["adapters"],
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +81,20 @@ def client(tenant: str) -> openai.OpenAI:
 
 def chat_text(tenant: str, model: str, max_tokens: int = 16) -> str:
     out = client(tenant).chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=max_tokens, temperature=0,
+        model=model,
+        messages=MESSAGES,
+        max_tokens=max_tokens,
+        temperature=0,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     return out.choices[0].message.content
 
 
-def post(path: str, body, key: str | None = "sk-acme-demo", **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def post(path: str, body, key: str | None = KEYS["acme"], headers=None) -> httpx.Response:
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     if not isinstance(body, (str, bytes)):
         body = json.dumps(body)
-    return httpx.post(f"{BASE_URL}{path}", content=body, headers=headers, timeout=60, **kw)
+    return httpx.post(f"{BASE_URL}{path}", content=body, headers=headers, timeout=60)
 
 
 def chat_body(**overrides) -> dict:
@@ -97,16 +106,19 @@ def chat_body(**overrides) -> dict:
 
 def test_models_lists_base_own_and_shared_adapters_only(server):
     models = {m.id: m for m in client("acme").models.list().data}
-    assert set(models) == {BASE, "acme-support", "shared-assistant"}
-    assert models["acme-support"].parent == BASE
+    assert set(models) == {BASE, OWN_ADAPTER["acme"], SHARED_DEMO_ADAPTER}
+    assert models[OWN_ADAPTER["acme"]].parent == BASE
 
 
 def test_chat_non_streaming_reports_usage(server):
     out = client("acme").chat.completions.create(
-        model="acme-support", messages=MESSAGES, max_tokens=7, temperature=0,
+        model=OWN_ADAPTER["acme"],
+        messages=MESSAGES,
+        max_tokens=7,
+        temperature=0,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
-    assert out.object == "chat.completion" and out.model == "acme-support"
+    )
+    assert out.object == "chat.completion" and out.model == OWN_ADAPTER["acme"]
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.content
     assert out.usage.completion_tokens == 7
     assert out.usage.total_tokens == out.usage.prompt_tokens + 7
@@ -114,9 +126,14 @@ def test_chat_non_streaming_reports_usage(server):
 
 def test_streaming_gives_the_same_text_as_non_streaming(server):
     stream = client("globex").chat.completions.create(
-        model="globex-legal", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
-    )  # fmt: skip
+        model="globex-legal",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -133,12 +150,12 @@ def test_completions_endpoint(server):
 
 
 def test_tenants_concurrently_each_get_their_own_adapter(server):
-    jobs = [(t, OWN_ADAPTER[t]) for t in KEYS] + [("acme", BASE), ("globex", "shared-assistant")]
+    jobs = [(t, OWN_ADAPTER[t]) for t in KEYS] + [("acme", BASE), ("globex", SHARED_DEMO_ADAPTER)]
     alone = {job: chat_text(*job, max_tokens=24) for job in jobs}
-    distinct = [text for (_, model), text in alone.items() if model != "shared-assistant"]
+    distinct = [text for (_, model), text in alone.items() if model != SHARED_DEMO_ADAPTER]
     assert len(set(distinct)) == len(distinct), "adapters must be distinguishable"
     # shared-assistant serves initech-code's weights under another name (tenants.demo.yaml).
-    assert alone[("globex", "shared-assistant")] == alone[("initech", "initech-code")]
+    assert alone[("globex", SHARED_DEMO_ADAPTER)] == alone[("initech", "initech-code")]
     with concurrent.futures.ThreadPoolExecutor(len(jobs) * 2) as pool:
         futures = {pool.submit(chat_text, *job, 24): job for job in jobs * 2}
         for future, job in futures.items():
@@ -165,8 +182,11 @@ def test_missing_or_bad_key_is_401(server, key):
 
 
 def test_tenant_header_alone_grants_nothing(server):
-    resp = httpx.post(f"{BASE_URL}/v1/chat/completions", json=chat_body(),
-                      headers={"X-Tenant": "acme", "OpenAI-Organization": "acme"})  # fmt: skip
+    resp = httpx.post(
+        f"{BASE_URL}/v1/chat/completions",
+        json=chat_body(),
+        headers={"X-Tenant": "acme", "OpenAI-Organization": "acme"},
+    )
     assert_openai_error(resp, 401)
 
 
@@ -197,9 +217,21 @@ def test_foreign_adapter_is_answered_exactly_like_an_unknown_model(server):
         chat_body(temperature=-1.0),
         chat_body(top_p=1.5),
     ],
-    ids=["bad-json", "not-object", "no-messages", "empty-messages", "messages-str",
-         "max-tokens-str", "model-int", "max-tokens-0", "max-tokens-neg", "over-context", "n-0",
-         "temperature-neg", "top-p-1.5"],
+    ids=[
+        "bad-json",
+        "not-object",
+        "no-messages",
+        "empty-messages",
+        "messages-str",
+        "max-tokens-str",
+        "model-int",
+        "max-tokens-0",
+        "max-tokens-neg",
+        "over-context",
+        "n-0",
+        "temperature-neg",
+        "top-p-1.5",
+    ],
 )
 def test_invalid_bodies_are_400(server, body):
     assert_openai_error(post("/v1/chat/completions", body), 400)
@@ -217,9 +249,9 @@ def test_bad_requests_do_not_hurt_the_replicas(server):
 def test_503_with_retry_after_when_no_replica_can_take_more(server):
     # 2 replicas x 6 ongoing + 16 queued = 28 requests can be held; send 60 long ones at once.
     async def one(http: httpx.AsyncClient):
-        body = chat_body(model="acme-support", max_tokens=120, ignore_eos=True)
-        return await http.post("/v1/chat/completions", json=body,
-                               headers={"Authorization": "Bearer sk-acme-demo"})  # fmt: skip
+        body = chat_body(model=OWN_ADAPTER["acme"], max_tokens=120, ignore_eos=True)
+        headers = {"Authorization": f"Bearer {KEYS['acme']}"}
+        return await http.post("/v1/chat/completions", json=body, headers=headers)
 
     async def burst():
         async with httpx.AsyncClient(base_url=BASE_URL, timeout=300) as http:
@@ -227,7 +259,10 @@ def test_503_with_retry_after_when_no_replica_can_take_more(server):
 
     results = asyncio.run(burst())
     statuses = Counter(r.status_code for r in results)
-    assert set(statuses) <= {200, 503}, (statuses, [r.text for r in results if r.status_code not in (200, 503)][:2])
+    assert set(statuses) <= {200, 503}, (
+        statuses,
+        [r.text for r in results if r.status_code not in (200, 503)][:2],
+    )
     assert statuses[503] > 0 and statuses[200] >= 12, statuses
     rejected = next(r for r in results if r.status_code == 503)
     assert int(rejected.headers["retry-after"]) >= 1
@@ -248,7 +283,7 @@ def test_requests_for_a_resident_adapter_go_to_its_replica(server):
     """5 adapters, 2 slots per replica. With the default power-of-two router each request would
     land on either replica (p = 1/2 each): 4 x 5 follow-ups all on the first replica would be
     chance with probability 2^-20."""
-    jobs = [(t, OWN_ADAPTER[t]) for t in KEYS] + [("acme", "shared-assistant")]
+    jobs = [(t, OWN_ADAPTER[t]) for t in KEYS] + [("acme", SHARED_DEMO_ADAPTER)]
     for tenant, adapter in jobs:
         first = served_by(tenant, adapter)
         followers = {served_by(tenant, adapter) for _ in range(4)}
@@ -262,8 +297,8 @@ def test_a_popular_adapter_spreads_when_its_replica_is_busy(server):
 
     async def one(http):
         body = chat_body(model=adapter, max_tokens=60, ignore_eos=True)
-        r = await http.post("/v1/chat/completions", json=body,
-                            headers={"Authorization": "Bearer sk-umbrella-demo"})  # fmt: skip
+        headers = {"Authorization": f"Bearer {KEYS['umbrella']}"}
+        r = await http.post("/v1/chat/completions", json=body, headers=headers)
         return r.headers.get("x-served-by")
 
     async def burst():
@@ -278,15 +313,58 @@ def test_adapters_are_listed_as_resident_by_the_engines(server):
     """Routing stats published by each engine replica name the adapters it holds."""
     from ray import serve
 
-    handle = serve.get_deployment_handle("LLMEngine", app_name="moelora")
+    handle = serve.get_deployment_handle("Engine", app_name="moelora")
     stats = handle.record_routing_stats.remote().result()
-    assert stats["cpu_adapters"] and set(stats["cpu_adapters"]) <= set(OWN_ADAPTER.values()) | {
-        "shared-assistant"
-    }
+    assert stats["cpu_adapters"]
+    assert set(stats["cpu_adapters"]) <= set(OWN_ADAPTER.values()) | {SHARED_DEMO_ADAPTER}
     assert len(stats["accelerator_adapters"]) <= 2
-    assert {a.name for a in DEMO_ADAPTERS} >= set(stats["accelerator_adapters"]) - {
-        "shared-assistant"
-    }
+    demo_names = {a.name for a in DEMO_ADAPTERS}
+    assert demo_names >= set(stats["accelerator_adapters"]) - {SHARED_DEMO_ADAPTER}
+
+
+# ---- request ids, access log ----------------------------------------------------------------
+
+
+def test_every_response_carries_one_request_id_and_errors_are_openai_shaped(server):
+    ok = post("/v1/chat/completions", chat_body(), headers={"x-request-id": "trace-7"})
+    assert ok.status_code == 200 and ok.headers.get_list("x-request-id") == ["trace-7"]
+    generated = post("/v1/chat/completions", chat_body())
+    assert len(generated.headers.get_list("x-request-id")) == 1
+    assert_openai_error(httpx.get(f"{BASE_URL}/v1/no-such-route"), 404)
+    assert_openai_error(httpx.get(f"{BASE_URL}/v1/chat/completions"), 405)
+    deep = post("/v1/chat/completions", "[" * 5000 + "]" * 5000)
+    assert_openai_error(deep, 400)
+
+
+def test_one_access_log_line_per_request_without_content(server):
+    import ray
+
+    marker = "access-log-probe-1"
+    resp = post(
+        "/v1/chat/completions",
+        chat_body(model=OWN_ADAPTER["acme"]),
+        headers={"x-request-id": marker},
+    )
+    assert resp.status_code == 200
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    lines = []
+    for _ in range(50):  # Ray writes replica logs asynchronously
+        lines = [
+            line
+            for p in logs.rglob("*Ingress*")
+            if p.is_file()
+            for line in p.read_text(errors="replace").splitlines()
+            if marker in line and '"event": "request"' in line
+        ]
+        if lines:
+            break
+        time.sleep(0.2)
+    assert len(lines) == 1, lines
+    record = json.loads(lines[0][lines[0].index("{") :])
+    assert record["tenant"] == "acme" and record["model"] == OWN_ADAPTER["acme"]
+    assert record["status"] == 200 and record["replica"] == resp.headers["x-served-by"]
+    assert record["completion_tokens"] == 4 and record["prompt_tokens"] > 0
+    assert MESSAGES[0]["content"] not in lines[0]
 
 
 def test_api_keys_never_appear_in_logs(server):
@@ -295,7 +373,7 @@ def test_api_keys_never_appear_in_logs(server):
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
     files = [p for p in logs.rglob("*") if p.is_file()]
-    assert any("Router" in p.name for p in files)  # the router's log is among them
+    assert any("Ingress" in p.name for p in files)  # the ingress's log is among them
     for path in files:
         text = path.read_bytes()
         for key in KEYS.values():

@@ -4,9 +4,9 @@ model with that adapter merged into the weights (fp32).
 
 Comparison: vLLM generates greedily and reports the log-probability of each token it picked; the
 reference computes, teacher-forced on the same tokens, the log-probability of each. Both run in
-fp32, so they agree to LOGPROB_TOL = 1e-4 (observed <= 6e-6); every adapter moves these log-probabilities
-by > 0.1 and its expert part alone by > 0.1 (asserted below), so a swapped adapter, a dropped
-expert delta or a leaked base request is caught with a wide margin.
+fp32, so they agree to LOGPROB_TOL = 1e-4 (observed <= 6e-6); every adapter moves these
+log-probabilities by > 0.1 and its expert part alone by > 0.1 (asserted below), so a swapped
+adapter, a dropped expert delta or a leaked base request is caught with a wide margin.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from app.builtin_model import DEMO_ADAPTERS
@@ -87,7 +86,7 @@ def generate(llm, requests):
     results = []
     for out in outs:
         c = out.outputs[0]
-        lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs)]
+        lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs, strict=True)]
         results.append((list(c.token_ids), lps))
     return results
 
@@ -95,14 +94,14 @@ def generate(llm, requests):
 def max_logprob_error(reference_model, prompt, result) -> float:
     tokens, logprobs = result
     want = token_logprobs(reference_model, prompt, tokens)
-    return max(abs(a - b) for a, b in zip(logprobs, want))
+    return max(abs(a - b) for a, b in zip(logprobs, want, strict=True))
 
 
 def test_each_adapter_alone_matches_merged_reference(llm, references, builtin):
     for name in [None, *ADAPTERS]:
         req = lora_request(name, builtin.adapter(name) if name else None)
         results = generate(llm, [(p, req) for p in PROMPTS])
-        for prompt, result in zip(PROMPTS, results):
+        for prompt, result in zip(PROMPTS, results, strict=True):
             err = max_logprob_error(references[name], prompt, result)
             assert err < LOGPROB_TOL, f"{name or 'base'}: max |dlogprob| {err:.2e}"
 
@@ -117,7 +116,7 @@ def test_all_adapters_and_base_in_one_batch(llm, references, builtin):
     for i, name in enumerate(names):
         req = lora_request(name, builtin.adapter(name) if name else None)
         requests.append((PROMPTS[i % len(PROMPTS)], req))
-    for (prompt, req), result in zip(requests, generate(llm, requests)):
+    for (prompt, req), result in zip(requests, generate(llm, requests), strict=True):
         name = req.lora_name if req else None
         err = max_logprob_error(references[name], prompt, result)
         assert err < LOGPROB_TOL, f"{name or 'base'} in mixed batch: max |dlogprob| {err:.2e}"
@@ -142,8 +141,10 @@ def test_ignoring_the_expert_part_is_detected(llm, references, builtin, tmp_path
         dst.mkdir()
         shutil.copy(src / "adapter_config.json", dst / "adapter_config.json")
         weights = load_file(str(src / "adapter_model.safetensors"))
-        save_file({k: v for k, v in weights.items() if ".experts." not in k},
-                  str(dst / "adapter_model.safetensors"))  # fmt: skip
+        save_file(
+            {k: v for k, v in weights.items() if ".experts." not in k},
+            str(dst / "adapter_model.safetensors"),
+        )
         result = generate(llm, [(PROMPTS[0], lora_request(dst.name, dst))])[0]
         err = max_logprob_error(references[name], PROMPTS[0], result)
         assert err > 50 * LOGPROB_TOL, f"{name}: expert LoRA had no visible effect ({err:.2e})"

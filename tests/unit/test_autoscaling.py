@@ -8,11 +8,18 @@ from app.autoscaling import utilization_policy
 
 
 def ctx(kv=None, running=None, waiting=None, queued=0.0, total=0.0, lo=1, hi=8):
-    metrics = {"kv_cache_usage": kv or {}, "running_requests": running or {},
-               "waiting_requests": waiting or {}}  # fmt: skip
-    return SimpleNamespace(aggregated_metrics=metrics, total_queued_requests=queued,
-                           total_num_requests=total, capacity_adjusted_min_replicas=lo,
-                           capacity_adjusted_max_replicas=hi)  # fmt: skip
+    metrics = {
+        "kv_cache_usage": kv or {},
+        "running_requests": running or {},
+        "waiting_requests": waiting or {},
+    }
+    return SimpleNamespace(
+        aggregated_metrics=metrics,
+        total_queued_requests=queued,
+        total_num_requests=total,
+        capacity_adjusted_min_replicas=lo,
+        capacity_adjusted_max_replicas=hi,
+    )
 
 
 def test_kv_cache_pressure_scales_up_even_with_few_requests():

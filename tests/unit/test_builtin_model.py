@@ -34,9 +34,10 @@ def test_model_is_a_qwen3_moe_with_chat_template(builtin):
     assert (config.num_experts, config.num_experts_per_tok) == (8, 2)
     tok = AutoTokenizer.from_pretrained(builtin.model)
     text = tok.apply_chat_template(
-        [{"role": "user", "content": "Where is my order?"}], add_generation_prompt=True,
+        [{"role": "user", "content": "Where is my order?"}],
+        add_generation_prompt=True,
         tokenize=False,
-    )  # fmt: skip
+    )
     assert text == "<|im_start|>user\nWhere is my order?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text and max(ids) < MODEL_CONFIG["vocab_size"]

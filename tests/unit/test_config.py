@@ -37,13 +37,20 @@ def test_gpu_config_builds_the_app_graph_without_starting_engines():
     args = app_args("serve_config.gpu.yaml")
     app = build_app({**args, "tenants_file": str(ROOT / args["tenants_file"])})
     assert isinstance(app, Application)
-    engine = app._bound_deployment.init_args[0]._bound_deployment  # Router.bind(engine, config)
+    engine = app._bound_deployment.init_args[0]._bound_deployment  # Ingress.bind(engine, ...)
     assert engine.ray_actor_options["num_gpus"] == 1
     autoscaling = engine._deployment_config.autoscaling_config
     assert autoscaling.max_replicas == 8
     assert autoscaling.policy.policy_function == "app.autoscaling:utilization_policy"
     router_cfg = engine._deployment_config.request_router_config
-    assert router_cfg.request_router_class == "app.routing:AdapterAffinityRouter"
+    assert router_cfg.request_router_class == "app.request_router:AdapterAffinityRequestRouter"
+    # The engine is bound with its typed settings and the adapter paths; the ingress never gets
+    # a path, only names and owners.
+    engine_cfg, adapter_paths = engine.init_args
+    assert engine_cfg.served_model_name == "qwen3-30b-a3b"
+    assert adapter_paths["sql-assistant"] == "/adapters/sql-assistant"
+    catalog = app._bound_deployment.init_args[2]
+    assert "sql-assistant" in catalog.names and not hasattr(catalog, "paths")
 
 
 def _error_locations(exc: ValidationError) -> list[str]:
@@ -57,7 +64,10 @@ def _error_locations(exc: ValidationError) -> list[str]:
         ({"engine": {"dtype": "int3"}}, "engine.dtype"),
         ({"engine": {"max_lora_rank": "big"}}, "engine.max_lora_rank"),
         ({"deployment": {"num_replicas": "many"}}, "deployment.num_replicas"),
-        ({"tenants": [{"name": "a", "api_key_sha256": ["not-a-digest"]}]}, "tenants.0.api_key_sha256"),
+        (
+            {"tenants": [{"name": "a", "api_key_sha256": ["not-a-digest"]}]},
+            "tenants.0.api_key_sha256",
+        ),
         ({"tenants": [{"name": "bad name!", "api_key_sha256": [SHA]}]}, "tenants.0.name"),
         ({"adapters": [{"name": "x", "path": "/p"}]}, "adapters.0"),
         ({"engine": {"unknown_knob": 1}}, "engine.unknown_knob"),
@@ -71,17 +81,24 @@ def test_bad_fields_are_named(args, location):
 
 def test_adapter_owner_must_be_a_tenant():
     with pytest.raises(ValidationError, match="owner 'globx' is not a declared tenant"):
-        AppConfig.from_args({
-            "tenants": [{"name": "globex", "api_key_sha256": [SHA]}],
-            "adapters": [{"name": "legal", "path": "/p", "owner": "globx"}],
-        })  # fmt: skip
+        AppConfig.from_args(
+            {
+                "tenants": [{"name": "globex", "api_key_sha256": [SHA]}],
+                "adapters": [{"name": "legal", "path": "/p", "owner": "globx"}],
+            }
+        )
 
 
 def test_duplicate_keys_across_tenants_are_rejected_without_echoing_them():
     with pytest.raises(ValidationError) as info:
-        AppConfig.from_args({
-            "tenants": [{"name": "a", "api_key_sha256": [SHA]}, {"name": "b", "api_key_sha256": [SHA]}],
-        })  # fmt: skip
+        AppConfig.from_args(
+            {
+                "tenants": [
+                    {"name": "a", "api_key_sha256": [SHA]},
+                    {"name": "b", "api_key_sha256": [SHA]},
+                ],
+            }
+        )
     assert "duplicate entry in api_key_sha256" in str(info.value)
     assert SHA not in str(info.value).split("input_value")[0]
 
@@ -98,8 +115,12 @@ def test_engine_config_becomes_vllm_flags_parsed_by_vllm():
     from app.config import EngineConfig
     from app.engine import vllm_cli_args
 
-    cfg = EngineConfig(model="/m", max_loras=3, enforce_eager=False,
-                       extra_args={"enable_prefix_caching": False, "max_num_batched_tokens": 4096})  # fmt: skip
+    cfg = EngineConfig(
+        model="/m",
+        max_loras=3,
+        enforce_eager=False,
+        extra_args={"enable_prefix_caching": False, "max_num_batched_tokens": 4096},
+    )
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(cfg))
     assert (args.model, args.max_loras, args.enable_lora) == ("/m", 3, True)
     assert args.enforce_eager is False and args.enable_prefix_caching is False

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.adapters import AdapterRegistry, ModelNotFound
+from app.adapters import AdapterCatalog, ModelNotFound
 from app.config import AdapterConfig, TenantConfig
 from app.tenants import Tenant, TenantDirectory, hash_api_key
 
@@ -43,7 +43,7 @@ def test_keys_are_held_only_as_digests():
 
 
 def test_model_resolution():
-    reg = AdapterRegistry("base", ADAPTERS)
+    reg = AdapterCatalog("base", ADAPTERS)
     acme, globex = Tenant("acme"), Tenant("globex")
     assert reg.resolve("base", acme) is None
     assert reg.resolve("acme-lora", acme) == "acme-lora"
@@ -53,3 +53,20 @@ def test_model_resolution():
     with pytest.raises(ModelNotFound):
         reg.resolve("nope", acme)
     assert {a.name for a in reg.visible_to(acme)} == {"acme-lora", "common"}
+
+
+def test_demo_tenants_file_matches_the_demo_table():
+    """tenants.demo.yaml holds digests; app.builtin_model.DEMO_TENANTS the clear demo keys."""
+    from pathlib import Path
+
+    from app.builtin_model import DEMO_TENANTS, SHARED_DEMO_ADAPTER
+    from app.config import AppConfig
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = AppConfig.from_args({"tenants_file": str(root / "tenants.demo.yaml")})
+    directory = TenantDirectory(cfg.tenants)
+    catalog = AdapterCatalog("base", cfg.adapters)
+    for demo in DEMO_TENANTS:
+        tenant = directory.authenticate(f"Bearer {demo.api_key}")
+        assert tenant is not None and tenant.name == demo.name
+        assert {a.name for a in catalog.visible_to(tenant)} == {demo.adapter, SHARED_DEMO_ADAPTER}

@@ -1,6 +1,6 @@
 """Adapter-aware replica choice: a custom Ray Serve RequestRouter for the engine deployment.
 
-The adapter of a request travels as its multiplexed model id (set by the router deployment).
+The adapter of a request travels as its multiplexed model id (set by the ingress).
 Replicas are ranked in tiers; Ray Serve then takes the shortest queue within the first tier that
 has a replica with capacity:
 
@@ -8,11 +8,11 @@ has a replica with capacity:
   2. replicas holding it in CPU memory (loading it into a slot is cheap),
   3. every replica (least loaded wins; the adapter is loaded from disk there).
 
-Residency comes from the replicas' published routing stats, refreshed every few seconds, plus
-what this router itself sent recently (so a burst for a new adapter sticks to one replica before
-the next stats arrive). A load bound keeps a popular adapter from piling onto one replica while
-others idle: a replica stays in tiers 1-2 only while its queue is at most `imbalance_threshold`
-longer than the least loaded candidate's.
+Residency comes from the replicas' published routing stats (app/contract.py RoutingStats),
+refreshed every few seconds, plus what this router itself sent recently (so a burst for a new
+adapter sticks to one replica before the next stats arrive). A load bound keeps a popular
+adapter from piling onto one replica while others idle: a replica stays in tiers 1-2 only while
+its queue is at most `imbalance_threshold` longer than the least loaded candidate's.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from app.engine import STAT_ACCELERATOR_ADAPTERS, STAT_CPU_ADAPTERS, STAT_RUNNING, STAT_WAITING
+from app.contract import RoutingStats
 
 # How long a routing decision of this router counts as "the adapter is there" by itself.
 RECENT_ROUTE_TTL_S = 30.0
 
 
-class AdapterAffinityRouter(RequestRouter):
+class AdapterAffinityRequestRouter(RequestRouter):
     def initialize_state(self, imbalance_threshold: int = 8, **kwargs: Any) -> None:
         self.imbalance_threshold = imbalance_threshold
         # adapter -> {replica_id: time of last request this router sent there}
@@ -38,8 +38,8 @@ class AdapterAffinityRouter(RequestRouter):
         queue_len = self.replica_queue_len_cache.get(replica.replica_id)
         if queue_len is not None:
             return queue_len
-        stats = replica.routing_stats or {}
-        return int(stats.get(STAT_RUNNING, 0)) + int(stats.get(STAT_WAITING, 0))
+        stats = RoutingStats.parse(replica.routing_stats)
+        return stats.running + stats.waiting
 
     def _recently_sent(self, adapter: str, replica: RunningReplica, now: float) -> bool:
         sent = self._recent_routes.get(adapter, {}).get(replica.replica_id)
@@ -54,17 +54,17 @@ class AdapterAffinityRouter(RequestRouter):
         within_bound = [r for r in candidates if self._load(r) <= floor + self.imbalance_threshold]
         on_accelerator, in_cpu = [], []
         for r in within_bound:
-            stats = r.routing_stats or {}
-            if adapter in stats.get(STAT_ACCELERATOR_ADAPTERS, ()) or self._recently_sent(
-                adapter, r, now
-            ):
+            stats = RoutingStats.parse(r.routing_stats)
+            if adapter in stats.accelerator_adapters or self._recently_sent(adapter, r, now):
                 on_accelerator.append(r)
-            elif adapter in stats.get(STAT_CPU_ADAPTERS, ()):
+            elif adapter in stats.cpu_adapters:
                 in_cpu.append(r)
         return [tier for tier in (on_accelerator, in_cpu) if tier] + [candidates]
 
     async def choose_replicas(
-        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         adapter = pending_request.metadata.multiplexed_model_id if pending_request else ""
         return self.rank(candidate_replicas, adapter)

@@ -1,4 +1,4 @@
-"""The adapter-affinity tiers of app.routing.AdapterAffinityRouter, on stand-in replicas."""
+"""The adapter-affinity tiers of AdapterAffinityRequestRouter, on stand-in replicas."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from ray.serve._private.request_router.common import ReplicaQueueLengthCache
 
-from app.engine import STAT_ACCELERATOR_ADAPTERS, STAT_CPU_ADAPTERS
-from app.routing import AdapterAffinityRouter
+from app.contract import RoutingStats
+from app.request_router import AdapterAffinityRequestRouter
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,8 @@ class FakeReplica:  # the two attributes the ranking reads from a RunningReplica
     routing_stats: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def make_router(threshold=2, queue_lens=None) -> AdapterAffinityRouter:
-    router = object.__new__(AdapterAffinityRouter)  # no Ray controller needed for ranking
+def make_router(threshold=2, queue_lens=None) -> AdapterAffinityRequestRouter:
+    router = object.__new__(AdapterAffinityRequestRouter)  # no Ray controller needed for ranking
     router._replica_queue_len_cache = ReplicaQueueLengthCache()
     for rid, n in (queue_lens or {}).items():
         router._replica_queue_len_cache.update(rid, n)
@@ -25,8 +25,10 @@ def make_router(threshold=2, queue_lens=None) -> AdapterAffinityRouter:
     return router
 
 
-GPU = FakeReplica("gpu", {STAT_ACCELERATOR_ADAPTERS: ["a"], STAT_CPU_ADAPTERS: ["a", "b"]})
-CPU = FakeReplica("cpu", {STAT_ACCELERATOR_ADAPTERS: [], STAT_CPU_ADAPTERS: ["a"]})
+GPU = FakeReplica(
+    "gpu", RoutingStats(accelerator_adapters=["a"], cpu_adapters=["a", "b"]).as_dict()
+)
+CPU = FakeReplica("cpu", RoutingStats(cpu_adapters=["a"]).as_dict())
 COLD = FakeReplica("cold", {})
 ALL = [COLD, CPU, GPU]
 

@@ -1,0 +1,89 @@
+"""The contract between the ingress and the engine deployment: what crosses the Ray handle hop.
+
+One engine method per OpenAI endpoint (`chat`, `completion`), each an async generator:
+
+    ReplyHead                      always first: which replica answers, and how
+    str, str, ...                  only when head.kind is STREAM: vLLM's SSE text, one or more
+                                   whole `data: ...\\n\\n` events per item (coalesced when the
+                                   consumer is behind, never split)
+    ReplyTail                      only when head.kind is STREAM, always last: token counts
+
+The adapter travels once, as the handle's multiplexed model id (the request router places the
+request by it; the engine reads it with `serve.get_multiplexed_model_id()`). The vLLM protocol
+request's `model` is the same name, because vLLM's serving layer looks the adapter up by it.
+
+JSON bodies cross the hop already serialised (bytes), so the ingress sends them without
+re-encoding vLLM's objects.
+
+Stats the engines publish, for the request router (`record_routing_stats`) and the autoscaling
+policy (`record_autoscaling_stats`), are defined here too, so both sides use the same keys.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class ReplyKind(enum.Enum):
+    STREAM = "stream"  # SSE text items follow, then a ReplyTail
+    JSON = "json"  # body is the whole response
+    ERROR = "error"  # body is an OpenAI-style error; status is its HTTP status
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHead:
+    replica_id: str
+    kind: ReplyKind
+    status: int = 200
+    body: bytes = b""  # JSON, for kind JSON and ERROR
+    # Token counts of a JSON reply (for the access log and accounting); a stream's come in its tail.
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTail:
+    """End of a stream. Counts are None when the stream ended before vLLM reported usage."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+ReplyItem = ReplyHead | str | ReplyTail
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What an engine replica holds and how busy it is: input of the adapter-aware router."""
+
+    accelerator_adapters: list[str] = field(default_factory=list)  # in LoRA slots, oldest first
+    cpu_adapters: list[str] = field(default_factory=list)  # in vLLM's CPU LoRA cache
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, stats: Mapping[str, Any] | None) -> RoutingStats:
+        """From a replica's published dict; an empty or unknown dict reads as an idle replica."""
+        stats = stats or {}
+        return cls(
+            accelerator_adapters=list(stats.get("accelerator_adapters", ())),
+            cpu_adapters=list(stats.get("cpu_adapters", ())),
+            running=int(stats.get("running", 0)),
+            waiting=int(stats.get("waiting", 0)),
+            kv_cache_usage=float(stats.get("kv_cache_usage", 0.0)),
+        )
+
+
+class AutoscalingStat(str, enum.Enum):
+    """Keys of `record_autoscaling_stats` (per replica, floats), read by app.autoscaling."""
+
+    RUNNING_REQUESTS = "running_requests"
+    WAITING_REQUESTS = "waiting_requests"
+    KV_CACHE_USAGE = "kv_cache_usage"

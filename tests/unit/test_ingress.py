@@ -1,0 +1,170 @@
+"""The ingress's FastAPI app on its own (no Ray): errors in the OpenAI shape, request ids, the
+access log. The engine is a test double here because the faults injected (an exception nobody
+expected, an engine dying mid-stream) cannot be caused on demand in the real app; the real path
+is covered by tests/integration/test_server.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.adapters import AdapterCatalog
+from app.builtin_model import DEMO_TENANTS
+from app.config import AppConfig
+from app.contract import ReplyHead, ReplyKind, ReplyTail
+from app.ingress import build_api
+from app.tenants import TenantDirectory, hash_api_key
+
+ACCESS_LOGGER = "ray.serve.moelora.access"
+ACME = DEMO_TENANTS[0]
+AUTH = {"Authorization": f"Bearer {ACME.api_key}"}
+CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+class ScriptedReplies:
+    """Plays a list of reply items; an Exception in the list is raised at that point."""
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class ScriptedEngine:
+    def __init__(self, items):
+        self.items = items
+        self.calls = []
+
+    def call(self, endpoint, request, adapter):
+        self.calls.append((endpoint, request.model, adapter))
+        return ScriptedReplies(self.items)
+
+
+def make_client(items) -> tuple[TestClient, ScriptedEngine]:
+    cfg = AppConfig.from_args(
+        {
+            "tenants": [{"name": ACME.name, "api_key_sha256": [hash_api_key(ACME.api_key)]}],
+            "adapters": [{"name": ACME.adapter, "path": "/unused", "owner": ACME.name}],
+        }
+    )
+    engine = ScriptedEngine(items)
+    api = build_api(engine, TenantDirectory(cfg.tenants), AdapterCatalog("base", cfg.adapters), 2)
+    return TestClient(api, raise_server_exceptions=False), engine
+
+
+def assert_openai_error(resp, status: int) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    return err
+
+
+def test_an_unexpected_exception_is_an_openai_500_naming_the_request_id():
+    client, _ = make_client([RuntimeError("boom: secret internals")])
+    resp = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    err = assert_openai_error(resp, 500)
+    request_id = resp.headers["x-request-id"]
+    assert request_id in err["message"] and "secret internals" not in err["message"]
+
+
+def test_fastapi_own_errors_are_openai_shaped():
+    client, _ = make_client([])
+    assert_openai_error(client.get("/v1/nothing-here", headers=AUTH), 404)
+    assert_openai_error(client.get("/v1/chat/completions", headers=AUTH), 405)
+
+
+def test_request_id_is_generated_when_none_comes_in():
+    client, _ = make_client([])
+    first, second = (client.get("/health").headers["x-request-id"] for _ in range(2))
+    assert first != second and len(first) == 32
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"), [("req-42.a:b", True), ("x" * 129, False), ("a b", False)]
+)
+def test_only_a_well_formed_incoming_request_id_is_used(sent, kept):
+    client, _ = make_client([RuntimeError("boom")])
+    resp = client.post("/v1/chat/completions", json=CHAT, headers={**AUTH, "x-request-id": sent})
+    assert (sent in resp.json()["error"]["message"]) is kept
+
+
+def test_json_reply_passes_through_and_is_logged_once_without_secrets(caplog):
+    body = b'{"id": "x", "object": "chat.completion", "choices": []}'
+    client, engine = make_client(
+        [ReplyHead("r1", ReplyKind.JSON, body=body, prompt_tokens=5, completion_tokens=2)]
+    )
+    secret_prompt = {
+        **CHAT,
+        "model": ACME.adapter,
+        "messages": [{"role": "user", "content": "PII"}],
+    }
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        resp = client.post("/v1/chat/completions", json=secret_prompt, headers=AUTH)
+    assert resp.status_code == 200 and resp.content == body
+    assert resp.headers["x-served-by"] == "r1"
+    assert engine.calls == [("chat", ACME.adapter, ACME.adapter)]
+    lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["tenant"] == ACME.name and record["model"] == ACME.adapter
+    assert (record["status"], record["replica"]) == (200, "r1")
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (5, 2)
+    assert record["request_id"] == resp.headers["x-request-id"]
+    assert "PII" not in lines[0] and ACME.api_key not in lines[0]
+
+
+def test_stream_token_counts_reach_the_log_and_an_engine_failure_ends_with_an_error_event(caplog):
+    head = ReplyHead("r1", ReplyKind.STREAM)
+    client, _ = make_client([head, "data: {}\n\n", ReplyTail(3, 1), "data: [DONE]\n\n"])
+    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+        resp = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    assert resp.text == "data: {}\n\ndata: [DONE]\n\n"
+    record = json.loads([r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER][0])
+    assert (record["stream"], record["completion_tokens"]) == (True, 1)
+
+    client, _ = make_client([head, "data: {}\n\n", ConnectionError("replica died")])
+    resp = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
+    events = [e for e in resp.text.split("\n\n") if e]
+    assert events[0] == "data: {}" and events[-1] == "data: [DONE]"
+    assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == 503
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[" * 5000 + "]" * 5000,  # nested deeper than the parser's recursion limit
+        '{"model": "base", "messages": "x"',  # truncated
+        b"\xff\xfe not utf-8",
+    ],
+    ids=["deep-nesting", "truncated", "not-utf8"],
+)
+def test_unparseable_bodies_are_400(raw):
+    client, engine = make_client([])
+    resp = client.post("/v1/chat/completions", content=raw, headers=AUTH)
+    assert_openai_error(resp, 400)
+    assert engine.calls == []
+
+
+@pytest.mark.parametrize("model", ["\ud800", "m" * 100_000])
+def test_unknown_model_names_are_echoed_safely(model):
+    client, _ = make_client([])
+    raw = json.dumps({**CHAT, "model": model})  # ensure_ascii: the surrogate travels as \\ud800
+    err = assert_openai_error(client.post("/v1/chat/completions", content=raw, headers=AUTH), 404)
+    assert len(err["message"]) < 200 and err["param"] == "model"

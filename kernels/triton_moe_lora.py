@@ -78,6 +78,7 @@ from kernels.triton_util import (
     pdl_supported,
     pdl_trigger,
     pdl_wait,
+    self_cleaning_counters,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -730,18 +731,10 @@ def _expand_loads(
 # Host side
 # --------------------------------------------------------------------------------------------
 
-# Decode-kernel counters, one zeroed int32 buffer per device that every launch leaves zeroed.
-# Created on first use (normally the warm-up before any CUDA-graph capture; created during a
-# capture, its zero-fill is part of that graph and the memory stays reserved with the tensor).
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
 
 def _tickets(device: torch.device, num_pairs: int) -> torch.Tensor:
-    buf = _TICKETS.get(device)
-    if buf is None or buf.numel() < 2 * num_pairs:
-        buf = torch.zeros(max(4096, 2 * num_pairs), dtype=torch.int32, device=device)
-        _TICKETS[device] = buf
-    return buf
+    """The fused decode kernel's per-pair counters (arrivals, departures), zero between calls."""
+    return self_cleaning_counters(device, "decode", 2 * num_pairs)
 
 
 class _Call:

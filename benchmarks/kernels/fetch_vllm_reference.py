@@ -11,9 +11,12 @@ and the device call carries `.vllm_ref`. What it writes:
                                            vllm modules are redirected to _shim.py
   .vllm_ref/vllm_ref/_shim.py              the few vllm helpers that file uses, re-implemented
                                            on plain torch/triton (written by this script)
-  .vllm_ref/vllm_configs.json              the fused-MoE configs vLLM picks on an H200 for the
-                                           benchmarked shapes (its own lookup code, run here
-                                           with the device name set to NVIDIA_H200)
+  .vllm_ref/vllm_ref/fused_moe_base.py     vLLM's BASE fused-MoE Triton kernel (fused_moe_kernel
+                                           and the one helper it calls), cut out of
+                                           fused_moe.py unchanged, for the LoRA-tax benchmark
+  .vllm_ref/vllm_configs.json              the fused-MoE-LoRA and base fused-MoE configs vLLM
+                                           picks on an H200 for the benchmarked shapes (its own
+                                           lookup code, run here with the device name pinned)
   .vllm_ref/SOURCE.txt                     vllm version and sha256 of the copied file
 
 Project rule: vLLM code is never committed. Only this script is; .vllm_ref/ is in .gitignore.
@@ -136,6 +139,41 @@ def _rewrite_imports(src: str) -> str:
     return "".join(lines)
 
 
+BASE_KERNELS = ("write_zeros_to_output", "fused_moe_kernel")
+
+
+def _base_kernel_source(src: str) -> str:
+    """The base fused-MoE kernel and its helper, cut out of fused_moe.py byte for byte (they use
+    only triton / tl; the launcher is ours, in benchmarks/kernels/vllm_ops.py)."""
+    tree = ast.parse(src)
+    lines = src.splitlines(keepends=True)
+    parts = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in BASE_KERNELS:
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+            parts.append("".join(lines[start : node.end_lineno]))
+    if len(parts) != len(BASE_KERNELS):
+        raise RuntimeError(f"expected {BASE_KERNELS} in fused_moe.py, found {len(parts)}")
+    header = "import triton\nimport triton.language as tl\n\n\n"
+    return header + "\n\n".join(parts)
+
+
+def _base_configs() -> dict:
+    """Config vLLM 0.32.0's unquantized bf16 fused_experts uses on an H200, per shape and M."""
+    from vllm.model_executor.layers.fused_moe import fused_moe as fm
+
+    fm.get_device_name_as_file_name = lambda: "NVIDIA_H200"
+    fm.get_moe_configs.cache_clear()
+    out = {}
+    for model, (hidden, inter, experts, top_k) in MODELS.items():
+        for m in BATCHES:
+            cfg = fm.try_get_optimal_moe_config(
+                (experts, 2 * inter, hidden), (experts, hidden, inter), top_k, None, m
+            )
+            out[f"base|{model}|{m}"] = dict(cfg)
+    return out
+
+
 def _vllm_configs() -> dict:
     """BLOCK_SIZE_M etc. that vLLM 0.32.0's add_lora_w13/w2 use on an H200 (use_tuned_config
     False, its default): try_get_optimal_moe_lora_config with the device name pinned."""
@@ -168,10 +206,16 @@ def main() -> None:
     (pkg / "__init__.py").write_text("")
     (pkg / "_shim.py").write_text(SHIM)
     (pkg / "fused_moe_lora_op.py").write_text(_rewrite_imports(op_src))
-    (DEST / "vllm_configs.json").write_text(json.dumps(_vllm_configs(), indent=0))
+    moe_src = (
+        Path(vllm.__file__).parent / "model_executor/layers/fused_moe/fused_moe.py"
+    ).read_text()
+    (pkg / "fused_moe_base.py").write_text(_base_kernel_source(moe_src))
+    configs = {**_vllm_configs(), **_base_configs()}
+    (DEST / "vllm_configs.json").write_text(json.dumps(configs, indent=0))
     digest = hashlib.sha256(op_src.encode()).hexdigest()
     (DEST / "SOURCE.txt").write_text(
         f"vllm {vllm.__version__}\nfused_moe_lora_op.py sha256 {digest}\n"
+        f"fused_moe.py sha256 {hashlib.sha256(moe_src.encode()).hexdigest()}\n"
     )
     print(f"wrote {DEST} (vllm {vllm.__version__}, fused_moe_lora_op.py {digest[:12]})")
 

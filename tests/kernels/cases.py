@@ -27,26 +27,26 @@ def make_case(
 ):
     """Random inputs of one layer call: weights N(0, 1/fan-in) in vLLM's slot layout (each slot
     an adapter of its own rank <= R, zero-padded), a share of tokens without adapter."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     a13 = [randn(slots, experts, rank, hidden, scale=hidden**-0.5) for _ in range(2)]
     b13 = [randn(slots, experts, inter, rank, scale=rank**-0.5) for _ in range(2)]
     a2 = randn(slots, experts, rank, inter, scale=inter**-0.5)
     b2 = randn(slots, experts, hidden, rank, scale=rank**-0.5)
     if mixed_ranks:
-        ranks = torch.randint(1, rank + 1, (slots,), generator=g).tolist()
+        ranks = torch.randint(1, rank + 1, (slots,), generator=g, device=device).tolist()
         for s, r in enumerate(ranks):
             for a, b in [*zip(a13, b13, strict=True), (a2, b2)]:
                 a[s, :, r:] = 0
                 b[s, :, :, r:] = 0
-    token_slots = torch.randint(0, slots, (m,), generator=g)
-    token_slots[torch.rand(m, generator=g) < no_adapter] = -1
+    token_slots = torch.randint(0, slots, (m,), generator=g, device=device)
+    token_slots[torch.rand(m, generator=g, device=device) < no_adapter] = -1
     if no_adapter < 1.0:
         token_slots[0] = slots - 1  # never an all-empty batch by chance (M = 1 would test nothing)
-    topk_ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(m)])
+    topk_ids = torch.rand(m, experts, generator=g, device=device).argsort(dim=1)[:, :top_k]
     return dict(
         x=randn(m, hidden),
         h=randn(m * top_k, inter),
@@ -54,9 +54,9 @@ def make_case(
         b13=b13,
         a2=a2,
         b2=b2,
-        token_slots=token_slots.to(torch.int32).to(device),
-        topk_ids=topk_ids.to(torch.int32).to(device),
-        topk_weights=torch.rand(m, top_k, generator=g).to(dtype).to(device),
+        token_slots=token_slots.to(torch.int32),
+        topk_ids=topk_ids.to(torch.int32),
+        topk_weights=torch.rand(m, top_k, generator=g, device=device).to(dtype),
     )
 
 
@@ -82,8 +82,9 @@ def check_against_oracle(kind, c, run, dtype, enabled=None, seed=0):
     with the oracle. Returns (out, max relative error)."""
     m, top_k = c["topk_ids"].shape
     cols = 2 * c["b13"][0].shape[2] if kind == "w13" else c["b2"].shape[2]
-    g = torch.Generator().manual_seed(seed + 99)
-    base = torch.randn(m, top_k, cols, generator=g).to(dtype).to(c["x"].device)
+    dev = c["x"].device
+    g = torch.Generator(device=dev).manual_seed(seed + 99)
+    base = torch.randn(m, top_k, cols, generator=g, device=dev).to(dtype)
     out = base.clone()
     run(out)
     delta = want_delta(kind, c, enabled, round_to=None if dtype == torch.float32 else dtype)

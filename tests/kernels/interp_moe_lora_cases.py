@@ -195,20 +195,20 @@ def test_routing_is_reused_by_w2():
     check_against_oracle("w2", c, w2, torch.float32)
 
 
-@pytest.mark.parametrize("sorter", ["onepass", "count"])
-def test_pair_sorter_groups_pairs(sorter):
-    c = make_case(8, 30, 32, 32, 4, 2, 3, 16, torch.float32)
+def _check_grouping(c, num_slots, num_experts, sorter):
     r = tml.route_pairs(
         c["topk_ids"],
         c["token_slots"],
         None,
-        3,
-        4,
+        num_slots,
+        num_experts,
         16,
         LaunchOptions(mode="grouped", sorter=sorter),
     )
-    keys = c["token_slots"].long().repeat_interleave(2) * 4 + c["topk_ids"].reshape(-1).long()
-    active = c["token_slots"].repeat_interleave(2) >= 0
+    top_k = c["topk_ids"].shape[1]
+    pair_slot = c["token_slots"].long().repeat_interleave(top_k)
+    keys = pair_slot * num_experts + c["topk_ids"].reshape(-1).long()
+    active = pair_slot >= 0
     seen = []
     for t in range(int(r.num_tiles)):
         g, row0, cnt = int(r.tile_group[t]), int(r.tile_row0[t]), int(r.tile_cnt[t])
@@ -217,6 +217,23 @@ def test_pair_sorter_groups_pairs(sorter):
         assert torch.all(keys[pairs] == g)
         seen += pairs.tolist()
     assert sorted(seen) == active.nonzero().squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("sorter", ["onepass", "count"])
+def test_pair_sorter_groups_pairs(sorter):
+    c = make_case(8, 30, 32, 32, 4, 2, 3, 16, torch.float32)
+    _check_grouping(c, 3, 4, sorter)
+
+
+def test_count_sorter_over_several_programs_leaves_counters_zeroed():
+    # 2600 pairs: three counting programs; the last one scans. Twice: the second call would
+    # see stale counts if the first had not zeroed them.
+    c = make_case(11, 1300, 16, 16, 8, 2, 3, 16, torch.float32, no_adapter=0.2)
+    for _ in range(2):
+        _check_grouping(c, 3, 8, "count")
+    from kernels.triton_util import self_cleaning_counters
+
+    assert int(self_cleaning_counters(torch.device("cpu"), "count_sort", 1).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("slices", [1, 3])

@@ -174,6 +174,7 @@ def _decode_fused_kernel(
     IS_W2: tl.constexpr,
     HAS_ENABLED: tl.constexpr,
     KSPLIT: tl.constexpr,
+    KSPLIT_P2: tl.constexpr,
     LAST_EXPANDS_ALL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -263,15 +264,18 @@ def _decode_fused_kernel(
         while tl.atomic_add(arrive_ptr, 0, sem="acquire", scope="gpu") < KSPLIT:
             pass
 
-    # ---- the rank intermediate: sum of the K-split partials, rounded like the torch backend
-    t0 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    t1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for ks in range(KSPLIT):
-        row = part_ptr + ((ks * NUM_SLICES) * num_pairs + pair).to(tl.int64) * BLOCK_R
-        # .cg: from L2, where the other programs' partials are (L1 is not coherent).
-        t0 += tl.load(row + offs_r, cache_modifier=".cg")
-        if NUM_SLICES == 2:
-            t1 += tl.load(row + num_pairs * BLOCK_R + offs_r, cache_modifier=".cg")
+    # ---- the rank intermediate: sum of the K-split partials, rounded like the torch backend.
+    # All KSPLIT partials in ONE 2D load (a loop would wait one L2 round trip per split);
+    # .cg: from L2, where the other programs' partials are (L1 is not coherent).
+    offs_s = tl.arange(0, KSPLIT_P2)
+    s_rows = ((offs_s * NUM_SLICES) * num_pairs + pair).to(tl.int64) * BLOCK_R
+    p_ptrs = part_ptr + s_rows[:, None] + offs_r[None, :]
+    s_mask = (offs_s < KSPLIT)[:, None]
+    t0 = tl.sum(tl.load(p_ptrs, mask=s_mask, other=0.0, cache_modifier=".cg"), axis=0)
+    t1 = t0
+    if NUM_SLICES == 2:
+        p1 = p_ptrs + num_pairs * BLOCK_R
+        t1 = tl.sum(tl.load(p1, mask=s_mask, other=0.0, cache_modifier=".cg"), axis=0)
     if not LAST_EXPANDS_ALL:
         # The last program to leave resets both counters; everyone has passed the wait by then.
         left = tl.atomic_add(arrive_ptr + 1, 1, sem="acq_rel", scope="gpu")
@@ -826,6 +830,7 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
         IS_W2=is_w2,
         HAS_ENABLED=has_en,
         KSPLIT=ksplit,
+        KSPLIT_P2=triton.next_power_of_2(ksplit),
         LAST_EXPANDS_ALL=handoff == "last",
         **meta,
         **call.pdl,

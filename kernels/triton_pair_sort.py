@@ -8,9 +8,8 @@ group; two pair sorters do it:
   onepass  ONE program packs (key = slot*E + expert, pair) into an int32, tl.sort's it, finds
            each pair's rank inside its key run with a segmented scan and writes the tile table
            directly. At decode sizes a launch costs more than this work.
-  count    counting sort in two launches: (1) per-group counters (a pair's rank in its group =
-           atomic_add), and the last program to finish scans the counts into group offsets and
-           the tile table and zeroes the counters again (so no zero-fill launch); (2) scatter.
+  count    counting sort: per-group counters (rank = atomic_add) -> one-program exclusive scan
+           that also writes the tile table -> scatter; plus the counters' zero-fill.
 
 The tile table has a host-known upper bound (P / BLOCK_M + min(P, S * E)), so grids are fixed;
 programs past the device-side tile count exit at once. Order inside a group may vary, but each
@@ -26,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_util import pdl_trigger, pdl_wait, self_cleaning_counters
+from kernels.triton_util import pdl_trigger, pdl_wait
 
 # Sort key of inactive pairs in the one-pass sorter; keys are slot * E + expert < this, and
 # SENTINEL * BLOCK_P + pair must fit in int32 (BLOCK_P <= 4096).
@@ -111,8 +110,7 @@ def sort_pairs(
             **pdl,
         )
         return routing
-    # [0]: programs done; [1:]: per-group counts. Zero on entry, left zero by the last program.
-    counters = self_cleaning_counters(dev, "count_sort", 1 + num_groups)
+    counts = torch.zeros(num_groups, dtype=torch.int32, device=dev)
     key = torch.empty(p, dtype=torch.int32, device=dev)
     rank = torch.empty(p, dtype=torch.int32, device=dev)
     group_off = torch.empty(num_groups, dtype=torch.int32, device=dev)
@@ -122,22 +120,25 @@ def sort_pairs(
         topk_ids,
         token_slots,
         enabled,
-        counters,
+        counts,
         key,
         rank,
+        p,
+        num_slots,
+        TOPK=top_k,
+        E=num_experts,
+        HAS_ENABLED=has_en,
+        BLOCK=block,
+        **pdl,
+    )
+    _scan_kernel[(1,)](
+        counts,
         group_off,
         tile_group,
         tile_row0,
         tile_cnt,
         num_tiles,
-        p,
-        num_slots,
         num_groups,
-        grid[0],
-        TOPK=top_k,
-        E=num_experts,
-        HAS_ENABLED=has_en,
-        BLOCK=block,
         BLOCK_M=block_m,
         BLOCK_G=1024,
         num_warps=8,
@@ -205,35 +206,23 @@ def _sort_onepass_kernel(
     tl.store(num_tiles_ptr, tl.sum(starts.to(tl.int32), axis=0))
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_slots", "num_groups", "num_programs"])
+@triton.jit(do_not_specialize=["num_pairs", "num_slots"])
 def _count_kernel(
     topk_ptr,
     slots_ptr,
     enabled_ptr,
-    counters_ptr,
+    counts_ptr,
     key_ptr,
     rank_ptr,
-    group_off_ptr,
-    tile_group_ptr,
-    tile_row0_ptr,
-    tile_cnt_ptr,
-    num_tiles_ptr,
     num_pairs,
     num_slots,
-    num_groups,
-    num_programs,
     TOPK: tl.constexpr,
     E: tl.constexpr,
     HAS_ENABLED: tl.constexpr,
     BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_G: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """key[pair] = slot * E + expert (-1 inactive), rank[pair] = its position in its group;
-    then the last program to finish writes the group offsets and the tile table."""
     pdl_wait(PDL)
-    counts_ptr = counters_ptr + 1
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < num_pairs
     slot = tl.load(slots_ptr + offs // TOPK, mask=in_range, other=-1).to(tl.int32)
@@ -247,26 +236,10 @@ def _count_kernel(
     rank = tl.atomic_add(counts_ptr + tl.where(active, key, 0), 1, mask=active)
     tl.store(key_ptr + offs, key, mask=in_range)
     tl.store(rank_ptr + offs, tl.where(active, rank, 0), mask=in_range)
-    # Every thread's counts are in before the ticket (release); the last program sees them all.
-    tl.debug_barrier()
-    done = tl.atomic_add(counters_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == num_programs - 1:
-        _scan_groups(
-            counts_ptr,
-            group_off_ptr,
-            tile_group_ptr,
-            tile_row0_ptr,
-            tile_cnt_ptr,
-            num_tiles_ptr,
-            num_groups,
-            BLOCK_M,
-            BLOCK_G,
-        )
-        tl.atomic_xchg(counters_ptr, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
-def _scan_groups(
+@triton.jit(do_not_specialize=["num_groups"])
+def _scan_kernel(
     counts_ptr,
     group_off_ptr,
     tile_group_ptr,
@@ -276,17 +249,16 @@ def _scan_groups(
     num_groups,
     BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """Exclusive scan of the group counts into group offsets and the tile table, in BLOCK_G
-    chunks, zeroing the counts behind it (the counters are reused by the next call)."""
+    """One program: exclusive scan of the group counts and the tile table, in BLOCK_G chunks."""
+    pdl_wait(PDL)
     row_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
     tile_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
     for g0 in range(0, num_groups, BLOCK_G):
         offs = g0 + tl.arange(0, BLOCK_G)
         g_mask = offs < num_groups
-        # .cg: the other programs' atomics live in L2 (L1 is not coherent).
-        cnt = tl.load(counts_ptr + offs, mask=g_mask, other=0, cache_modifier=".cg")
-        tl.store(counts_ptr + offs, tl.zeros_like(cnt), mask=g_mask)
+        cnt = tl.load(counts_ptr + offs, mask=g_mask, other=0)
         ntile = (cnt + BLOCK_M - 1) // BLOCK_M
         row_off = row_carry + tl.cumsum(cnt, axis=0) - cnt
         tile_off = tile_carry + tl.cumsum(ntile, axis=0) - ntile

@@ -156,7 +156,9 @@ def decode_config(cfg: dict, num_pairs: int, rank: int, k_dim: int, n_dim: int, 
     cap = max(16, _DECODE_TILE_ELEMS // block_r)
     block_k = min(cap, pow2_at_least(k_dim, 16))
     k_steps = triton.cdiv(k_dim, block_k)
-    ksplit = max(1, min(k_steps, decode_ctas(cfg, sms) // max(1, num_pairs)))
+    # The expand sums all K-split partials in one [splits, BLOCK_R] load: bound its registers.
+    max_splits = max(1, _DECODE_TILE_ELEMS // block_r)
+    ksplit = max(1, min(k_steps, decode_ctas(cfg, sms) // max(1, num_pairs), max_splits))
     k_per_split = triton.cdiv(k_steps, ksplit) * block_k
     ksplit = triton.cdiv(k_dim, k_per_split)
     if k_per_split == block_k:  # one step per split: shrink the tile to the split's K

@@ -17,16 +17,7 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
 * Each projection has a *shrink* (K -> R, a reduction over K) followed by an *expand*
   (R -> N, independent per output column). The reduction is the only cross-program dependency.
 
-* Fused decode kernel (small naive batches: one launch per projection). Grid (pair, K-split).
-  Each program reduces its K-split of the pair's A blocks (a GEMV, one or two loads deep), writes
-  an fp32 partial, and takes a ticket on the pair's counter. Handoff "barrier" (GPU): every
-  program waits until all K-splits of its pair are in, then expands its own share of the output
-  columns; all programs are resident at once (the grid is capped at 2 per SM), so the wait
-  cannot deadlock. Handoff "last" (the Triton interpreter runs programs one after another, so
-  nobody may wait there): the last K-split to arrive expands all columns. The counters reset
-  themselves (the last program to leave zeroes them), so the kernel needs no zero-fill launch.
-
-* Tile path (larger batches): two launches per projection, shrink then expand, with the fp32
+* Tile path: two launches per projection, shrink then expand, with the fp32
   rank intermediate in a small workspace [KSPLIT, slices, pairs, R]:
     - shrink grid (tile, K-split): tl.dot of the tile's gathered activation rows with the
       (slot, expert) A block; each split writes its own partial (no atomics, no zero-fill).
@@ -42,9 +33,12 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
   issues its first B/out loads before its wait (they do not depend on the shrink).
 
 * CUDA-graph safe: no .item(), no host reads of device data; workspaces come from the caching
-  allocator (graph pools during capture); the decode counters are one zeroed buffer per device
-  that every launch leaves zeroed. No recompilation across batch sizes: every M-like argument
+  allocator (graph pools during capture). No recompilation across batch sizes: every M-like argument
   is in do_not_specialize; shapes fixed per model (K, N, R, E, top_k) are constexpr.
+
+* A one-launch decode kernel (split-K shrink with a ticketed, spin-waiting handoff to the
+  expand in the same grid) was built and measured slower than these two PDL launches in every
+  decode cell on the H200 (docs/kernels.md, "Third pass"); it is not kept.
 
 * No autotuning at run time: block sizes are rules of the shapes, and the plan thresholds come
   from kernels/configs/ by GPU name (kernels/triton_plan.py).
@@ -64,258 +58,18 @@ from kernels.triton_plan import (
     LaunchOptions,
     choose_mode,
     choose_sorter,
-    decode_config,
     grouped_block_m,
     plan_config,
     tile_config,
-    use_fused_decode,
 )
 from kernels.triton_util import (
-    INTERPRET,
     device_name,
     num_sms,
     pair_route,
     pdl_supported,
     pdl_trigger,
     pdl_wait,
-    self_cleaning_counters,
 )
-
-# --------------------------------------------------------------------------------------------
-# Fused decode kernel: one launch per projection
-# --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _decode_shrink_loads(
-    x_row, a0_ptrs, a1_ptrs, k0, k_hi, sa_k, r_mask, NUM_SLICES: tl.constexpr, BLOCK_K: tl.constexpr
-):
-    """x[k0 : k0 + BLOCK_K] and the A_i tiles [BLOCK_R, BLOCK_K] there (masked past k_hi)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < k_hi
-    xv = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
-    a_mask = r_mask[:, None] & k_mask[None, :]
-    a0 = tl.load(a0_ptrs + offs_k[None, :] * sa_k, mask=a_mask, other=0.0)
-    if NUM_SLICES == 2:
-        a1 = tl.load(a1_ptrs + offs_k[None, :] * sa_k, mask=a_mask, other=0.0)
-    else:
-        a1 = a0
-    return xv, a0, a1
-
-
-@triton.jit
-def _decode_expand_loads(
-    out_row,
-    b0_ptrs,
-    b1_ptrs,
-    nt,
-    t_hi,
-    out_col0,
-    stride_on,
-    sb_n,
-    r_mask,
-    N: tl.constexpr,
-    NUM_SLICES: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """B_i tiles [BLOCK_N, BLOCK_R] and out tiles of column tile nt (all masked if nt >= t_hi)."""
-    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < tl.where(nt < t_hi, N, 0)
-    b_mask = n_mask[:, None] & r_mask[None, :]
-    o_ptrs = out_row + (out_col0 + offs_n) * stride_on
-    b0 = tl.load(b0_ptrs + offs_n[:, None] * sb_n, mask=b_mask, other=0.0)
-    o0 = tl.load(o_ptrs, mask=n_mask, other=0.0)
-    if NUM_SLICES == 2:
-        b1 = tl.load(b1_ptrs + offs_n[:, None] * sb_n, mask=b_mask, other=0.0)
-        o1 = tl.load(o_ptrs + N * stride_on, mask=n_mask, other=0.0)
-    else:
-        b1 = b0
-        o1 = o0
-    return b0, b1, o0, o1
-
-
-@triton.jit(do_not_specialize=["num_slots", "num_pairs", "k_per_split", "tiles_per_split"])
-def _decode_fused_kernel(
-    out_ptr,
-    x_ptr,
-    topk_ptr,
-    topk_w_ptr,
-    slots_ptr,
-    enabled_ptr,
-    a0_ptr,
-    a1_ptr,
-    b0_ptr,
-    b1_ptr,
-    part_ptr,
-    ticket_ptr,
-    num_slots,
-    num_pairs,
-    k_per_split,
-    tiles_per_split,
-    out_col0,
-    stride_xm,
-    stride_om,
-    stride_ok,
-    stride_on,
-    sa_s,
-    sa_e,
-    sa_r,
-    sa_k,
-    sb_s,
-    sb_e,
-    sb_n,
-    sb_r,
-    TOPK: tl.constexpr,
-    E: tl.constexpr,
-    K: tl.constexpr,
-    N: tl.constexpr,
-    R: tl.constexpr,
-    NUM_SLICES: tl.constexpr,
-    IS_W2: tl.constexpr,
-    HAS_ENABLED: tl.constexpr,
-    KSPLIT: tl.constexpr,
-    KSPLIT_P2: tl.constexpr,
-    LAST_EXPANDS_ALL: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    """One program = one (token, k) pair x one K-split (shrink) x one share of N (expand).
-
-    part: fp32 [KSPLIT, NUM_SLICES, num_pairs, BLOCK_R]; ticket: int32 [>= 2 * num_pairs],
-    zero on entry and on exit (arrivals at 2 * pair, departures at 2 * pair + 1).
-    """
-    pdl_wait(PDL)
-    pair = tl.program_id(0)
-    split = tl.program_id(1)
-    slot, expert, active = pair_route(
-        topk_ptr, slots_ptr, enabled_ptr, pair, num_slots, TOPK, E, HAS_ENABLED
-    )
-    if not active:  # every program of this pair returns here: no ticket is taken
-        return
-    m = pair // TOPK
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
-    if IS_W2:
-        x_row = x_ptr + pair.to(tl.int64) * stride_xm
-    else:
-        x_row = x_ptr + m.to(tl.int64) * stride_xm
-
-    # ---- shrink: this split's share of t_i = A_i[s, e] @ row, fp32, next loads one step ahead
-    a_off = slot.to(tl.int64) * sa_s + expert.to(tl.int64) * sa_e + offs_r[:, None] * sa_r
-    a0_ptrs = a0_ptr + a_off
-    a1_ptrs = a1_ptr + a_off
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc0 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    xn, a0n, a1n = _decode_shrink_loads(
-        x_row, a0_ptrs, a1_ptrs, k_lo, k_hi, sa_k, r_mask, NUM_SLICES, BLOCK_K
-    )
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        xv, a0, a1 = xn, a0n, a1n
-        xn, a0n, a1n = _decode_shrink_loads(
-            x_row, a0_ptrs, a1_ptrs, k0 + BLOCK_K, k_hi, sa_k, r_mask, NUM_SLICES, BLOCK_K
-        )
-        xf = xv.to(tl.float32)[None, :]
-        acc0 += tl.sum(a0.to(tl.float32) * xf, axis=1)
-        if NUM_SLICES == 2:
-            acc1 += tl.sum(a1.to(tl.float32) * xf, axis=1)
-    part_row = part_ptr + ((split * NUM_SLICES) * num_pairs + pair).to(tl.int64) * BLOCK_R
-    tl.store(part_row + offs_r, acc0)
-    if NUM_SLICES == 2:
-        tl.store(part_row + num_pairs * BLOCK_R + offs_r, acc1)
-
-    # ---- handoff: every thread's partial is written before the ticket (release at GPU scope)
-    tl.debug_barrier()
-    arrive_ptr = ticket_ptr + 2 * pair
-    ticket = tl.atomic_add(arrive_ptr, 1, sem="acq_rel", scope="gpu")
-    N_TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-    if LAST_EXPANDS_ALL:
-        if ticket != KSPLIT - 1:
-            return
-        tl.atomic_xchg(arrive_ptr, 0, sem="relaxed", scope="gpu")  # everyone has arrived
-        t_lo = 0
-        t_hi = N_TILES
-    else:
-        t_lo = split * tiles_per_split
-        t_hi = tl.minimum(t_lo + tiles_per_split, N_TILES)
-    b_off = slot.to(tl.int64) * sb_s + expert.to(tl.int64) * sb_e + offs_r[None, :] * sb_r
-    b0_ptrs = b0_ptr + b_off
-    b1_ptrs = b1_ptr + b_off
-    out_row = out_ptr + m.to(tl.int64) * stride_om + (pair % TOPK).to(tl.int64) * stride_ok
-    # The first B/out tiles do not depend on the other splits: load them before waiting.
-    b0n, b1n, o0n, o1n = _decode_expand_loads(
-        out_row,
-        b0_ptrs,
-        b1_ptrs,
-        t_lo,
-        t_hi,
-        out_col0,
-        stride_on,
-        sb_n,
-        r_mask,
-        N,
-        NUM_SLICES,
-        BLOCK_N,
-    )
-    if not LAST_EXPANDS_ALL:
-        while tl.atomic_add(arrive_ptr, 0, sem="acquire", scope="gpu") < KSPLIT:
-            pass
-
-    # ---- the rank intermediate: sum of the K-split partials, rounded like the torch backend.
-    # All KSPLIT partials in ONE 2D load (a loop would wait one L2 round trip per split);
-    # .cg: from L2, where the other programs' partials are (L1 is not coherent).
-    offs_s = tl.arange(0, KSPLIT_P2)
-    s_rows = ((offs_s * NUM_SLICES) * num_pairs + pair).to(tl.int64) * BLOCK_R
-    p_ptrs = part_ptr + s_rows[:, None] + offs_r[None, :]
-    s_mask = (offs_s < KSPLIT)[:, None]
-    t0 = tl.sum(tl.load(p_ptrs, mask=s_mask, other=0.0, cache_modifier=".cg"), axis=0)
-    t1 = t0
-    if NUM_SLICES == 2:
-        p1 = p_ptrs + num_pairs * BLOCK_R
-        t1 = tl.sum(tl.load(p1, mask=s_mask, other=0.0, cache_modifier=".cg"), axis=0)
-    if not LAST_EXPANDS_ALL:
-        # The last program to leave resets both counters; everyone has passed the wait by then.
-        left = tl.atomic_add(arrive_ptr + 1, 1, sem="acq_rel", scope="gpu")
-        if left == KSPLIT - 1:
-            tl.atomic_xchg(arrive_ptr, 0, sem="relaxed", scope="gpu")
-            tl.atomic_xchg(arrive_ptr + 1, 0, sem="relaxed", scope="gpu")
-    t0 = t0.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    t1 = t1.to(x_ptr.dtype.element_ty).to(tl.float32)[None, :]
-    if IS_W2:
-        w = tl.load(topk_w_ptr + pair).to(tl.float32)
-
-    # ---- expand: out[cols] += B_i @ t_i over this program's column tiles
-    for nt in range(t_lo, t_hi):
-        b0, b1, o0, o1 = b0n, b1n, o0n, o1n
-        b0n, b1n, o0n, o1n = _decode_expand_loads(
-            out_row,
-            b0_ptrs,
-            b1_ptrs,
-            nt + 1,
-            t_hi,
-            out_col0,
-            stride_on,
-            sb_n,
-            r_mask,
-            N,
-            NUM_SLICES,
-            BLOCK_N,
-        )
-        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        o_ptrs = out_row + (out_col0 + offs_n) * stride_on
-        d0 = tl.sum(b0.to(tl.float32) * t0, axis=1)
-        if IS_W2:
-            d0 = d0 * w
-        tl.store(o_ptrs, (o0.to(tl.float32) + d0).to(out_ptr.dtype.element_ty), mask=n_mask)
-        if NUM_SLICES == 2:
-            d1 = tl.sum(b1.to(tl.float32) * t1, axis=1)
-            o1_new = (o1.to(tl.float32) + d1).to(out_ptr.dtype.element_ty)
-            tl.store(o_ptrs + N * stride_on, o1_new, mask=n_mask)
-
 
 # --------------------------------------------------------------------------------------------
 # Tile kernels: shrink, then expand
@@ -538,6 +292,7 @@ def _tile_expand_kernel(
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    KSPLIT_UNROLL: tl.constexpr,
 ):
     """out[pair, cols] += round(sum_ks part[ks]) @ B_i[s, e]^T over this program's column tiles.
 
@@ -613,11 +368,23 @@ def _tile_expand_kernel(
     p_ptrs = part_ptr + rows[:, None] * BLOCK_R + offs_r[None, :]
     t0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     t1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for ks in range(0, ksplit):
-        base = (ks * NUM_SLICES) * num_pairs * BLOCK_R
-        t0 += tl.load(p_ptrs + base, mask=row_mask[:, None], other=0.0)
-        if NUM_SLICES == 2:
-            t1 += tl.load(p_ptrs + base + num_pairs * BLOCK_R, mask=row_mask[:, None], other=0.0)
+    if KSPLIT_UNROLL > 0:
+        # Unrolled to a power of two >= ksplit: every partial's load can be in flight at once
+        # (a rolled loop waits one L2 round trip per split, up to 16 at decode sizes).
+        for ks in tl.static_range(KSPLIT_UNROLL):
+            base = (ks * NUM_SLICES) * num_pairs * BLOCK_R
+            # A vector comparison (a scalar one and-ed in comes out int32 in the interpreter).
+            p_mask = row_mask[:, None] & ((offs_r * 0 + ks) < ksplit)[None, :]
+            t0 += tl.load(p_ptrs + base, mask=p_mask, other=0.0)
+            if NUM_SLICES == 2:
+                t1 += tl.load(p_ptrs + base + num_pairs * BLOCK_R, mask=p_mask, other=0.0)
+    else:
+        for ks in range(0, ksplit):
+            base = (ks * NUM_SLICES) * num_pairs * BLOCK_R
+            t0 += tl.load(p_ptrs + base, mask=row_mask[:, None], other=0.0)
+            if NUM_SLICES == 2:
+                p1 = p_ptrs + base + num_pairs * BLOCK_R
+                t1 += tl.load(p1, mask=row_mask[:, None], other=0.0)
     t0 = t0.to(x_ptr.dtype.element_ty).to(b0_ptr.dtype.element_ty)
     t1 = t1.to(x_ptr.dtype.element_ty).to(b0_ptr.dtype.element_ty)
     if IS_W2:
@@ -736,11 +503,6 @@ def _expand_loads(
 # --------------------------------------------------------------------------------------------
 
 
-def _tickets(device: torch.device, num_pairs: int) -> torch.Tensor:
-    """The fused decode kernel's per-pair counters (arrivals, departures), zero between calls."""
-    return self_cleaning_counters(device, "decode", 2 * num_pairs)
-
-
 class _Call:
     """What one projection launch needs to know about the device and the plan."""
 
@@ -787,56 +549,6 @@ def route_pairs(
     )
 
 
-def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b, is_w2, out_col0):
-    num_slots, num_experts, rank, k_dim = a[0].shape
-    n_dim = b[0].shape[2]
-    m, top_k = topk_ids.shape
-    p = m * top_k
-    ksplit, k_per, tiles_per, meta = decode_config(call.cfg, p, rank, k_dim, n_dim, call.sms)
-    handoff = call.options.handoff or ("last" if INTERPRET else "barrier")
-    part = torch.empty(ksplit * len(a) * p * meta["BLOCK_R"], dtype=torch.float32, device=x.device)
-    a1 = a[1] if len(a) == 2 else a[0]
-    b1 = b[1] if len(b) == 2 else b[0]
-    _decode_fused_kernel[(p, ksplit)](
-        out,
-        x,
-        topk_ids,
-        w,
-        token_slots,
-        enabled,
-        a[0],
-        a1,
-        b[0],
-        b1,
-        part,
-        _tickets(x.device, p),
-        num_slots,
-        p,
-        k_per,
-        tiles_per,
-        out_col0,
-        x.stride(0),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        *a[0].stride(),
-        *b[0].stride(),
-        TOPK=top_k,
-        E=num_experts,
-        K=k_dim,
-        N=n_dim,
-        R=rank,
-        NUM_SLICES=len(a),
-        IS_W2=is_w2,
-        HAS_ENABLED=has_en,
-        KSPLIT=ksplit,
-        KSPLIT_P2=triton.next_power_of_2(ksplit),
-        LAST_EXPANDS_ALL=handoff == "last",
-        **meta,
-        **call.pdl,
-    )
-
-
 def _launch_tiles(
     call, routing, out, x, topk_ids, w, token_slots, enabled, has_en, a, b, is_w2, out_col0
 ):
@@ -875,6 +587,9 @@ def _launch_tiles(
     prefetch = opts.prefetch
     if prefetch is None:
         prefetch = p >= cfg["prefetch_min_pairs"] and bm < cfg["nopf_min_block_m"]
+    unroll = opts.unroll_ksplit
+    if unroll is None:
+        unroll = ksplit <= cfg["unroll_ksplit_max"]
     part = torch.empty(ksplit * len(a) * p * sc["BLOCK_R"], dtype=torch.float32, device=x.device)
     dummy = token_slots
     tg = dummy if naive else routing.tile_group
@@ -952,6 +667,7 @@ def _launch_tiles(
         **ec,
         **pdl,
         PREFETCH=prefetch,
+        KSPLIT_UNROLL=triton.next_power_of_2(ksplit) if unroll else 0,
     )
 
 
@@ -981,13 +697,7 @@ def _project(
             topk_ids, token_slots, slot_enabled, num_slots, num_experts, rank, options
         )
     args = (out, x, topk_ids, w, token_slots, enabled, has_en, lora_a, lora_b, is_w2, out_col0)
-    decode = options.decode
-    if decode is None:
-        decode = "fused" if use_fused_decode(call.cfg, p, call.sms) else "split"
-    if routing.mode == "naive" and decode == "fused":
-        _launch_decode(call, *args)
-    else:
-        _launch_tiles(call, routing, *args)
+    _launch_tiles(call, routing, *args)
     return routing
 
 

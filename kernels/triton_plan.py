@@ -18,8 +18,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import triton
-
 from kernels.triton_util import pow2_at_least
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -32,13 +30,11 @@ class LaunchOptions:
     mode: str | None = None  # "naive" (a tile is one pair) | "grouped" (pairs of one block)
     sorter: str | None = None  # grouped only: "onepass" | "count" (the pair sorter)
     block_m: int | None = None  # grouped only: pairs per tile
-    decode: str | None = None  # naive only: "fused" (one launch) | "split" (shrink + expand)
-    # fused decode only: "barrier" (every program expands its own columns once all K-splits
     # of its pair are in) | "last" (the last K-split to arrive expands all columns)
-    handoff: str | None = None
     pdl: bool | None = None  # programmatic dependent launch
     prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead
     waves: int | None = None  # programs per launch, in multiples of the SM count
+    unroll_ksplit: bool | None = None  # tile expand: sum the K-split partials unrolled
     shrink: dict | None = None  # merged into tile_config's shrink block sizes
     expand: dict | None = None  # merged into tile_config's expand block sizes
 
@@ -88,22 +84,11 @@ def choose_sorter(cfg: dict, num_pairs: int) -> str:
     return "onepass" if num_pairs <= cfg["onepass_sort_max_pairs"] else "count"
 
 
-def decode_ctas(cfg: dict, sms: int) -> int:
-    """Most programs the fused decode kernel may launch. Its programs wait for each other, so
-    all of them must be resident at once: 2 per SM always fit (4 warps x 255 registers at most
-    is half the register file; the kernel uses a few KB of shared memory)."""
-    return cfg["decode_ctas_per_sm"] * sms
-
-
-def use_fused_decode(cfg: dict, num_pairs: int, sms: int) -> bool:
-    return num_pairs <= cfg["decode_fused_max_pairs"] and num_pairs <= decode_ctas(cfg, sms)
-
-
-def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int, sms: int):
+def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int):
     """Human-readable name of what the automatic plan runs (benchmark tables)."""
     groups = num_slots * num_experts
     if choose_mode(cfg, num_pairs, groups, rank) == "naive":
-        return "decode-fused" if use_fused_decode(cfg, num_pairs, sms) else "tile-naive"
+        return "tile-naive"
     bm = grouped_block_m(cfg, num_pairs, groups, rank)
     return f"tile-grouped-BM{bm}-{choose_sorter(cfg, num_pairs)}"
 
@@ -139,34 +124,3 @@ def tile_config(block_m: int, rank: int, k_dim: int) -> tuple[dict, dict]:
         expand = dict(BLOCK_N=128 if block_r <= 32 else 64, num_warps=4)
     expand.update(BLOCK_M=block_m, BLOCK_R=block_r, num_stages=3)
     return shrink, expand
-
-
-# Elements of one weight tile ([BLOCK_R, BLOCK_K] of A or [BLOCK_N, BLOCK_R] of B) per slice in
-# the fused decode kernel: 4096 bf16 = 8 KB, 32 values per thread of 4 warps. Big enough that a
-# K-split is one or two loads, small enough for registers with both slices and the prefetch.
-_DECODE_TILE_ELEMS = 4096
-
-
-def decode_config(cfg: dict, num_pairs: int, rank: int, k_dim: int, n_dim: int, sms: int):
-    """(ksplit, k_per_split, tiles_per_split, block sizes) of the fused decode kernel: each
-    pair's K is split so every program loads ~one weight tile per slice (latency: one round
-    trip instead of a chain), as many splits as fit resident; the same programs then share the
-    pair's output columns."""
-    block_r = pow2_at_least(rank, 16)
-    cap = max(16, _DECODE_TILE_ELEMS // block_r)
-    block_k = min(cap, pow2_at_least(k_dim, 16))
-    k_steps = triton.cdiv(k_dim, block_k)
-    # The expand sums all K-split partials in one [splits, BLOCK_R] load: bound its registers.
-    max_splits = max(1, _DECODE_TILE_ELEMS // block_r)
-    ksplit = max(1, min(k_steps, decode_ctas(cfg, sms) // max(1, num_pairs), max_splits))
-    k_per_split = triton.cdiv(k_steps, ksplit) * block_k
-    ksplit = triton.cdiv(k_dim, k_per_split)
-    if k_per_split == block_k:  # one step per split: shrink the tile to the split's K
-        block_k = pow2_at_least(triton.cdiv(k_dim, ksplit), 16)
-        k_per_split = block_k
-        ksplit = triton.cdiv(k_dim, k_per_split)
-    block_n = min(cap, pow2_at_least(triton.cdiv(n_dim, ksplit), 16))
-    n_tiles = triton.cdiv(n_dim, block_n)
-    tiles_per_split = triton.cdiv(n_tiles, ksplit)
-    meta = dict(BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4, num_stages=1)
-    return ksplit, k_per_split, tiles_per_split, meta

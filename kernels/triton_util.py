@@ -78,18 +78,3 @@ def device_name(device_index: int) -> str | None:
 
 def pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(n))
-
-
-# Zeroed int32 buffers that kernels use as counters and leave zeroed when they finish (so no
-# zero-fill launch is needed per call), one per (device, purpose). Created on first use: normally
-# the warm-up before any CUDA-graph capture; if created during a capture, its zero-fill is part
-# of that graph and the memory stays reserved for as long as the tensor lives (here: always).
-_SELF_CLEANING: dict[tuple[torch.device, str], torch.Tensor] = {}
-
-
-def self_cleaning_counters(device: torch.device, purpose: str, numel: int) -> torch.Tensor:
-    buf = _SELF_CLEANING.get((device, purpose))
-    if buf is None or buf.numel() < numel:
-        buf = torch.zeros(max(4096, numel), dtype=torch.int32, device=device)
-        _SELF_CLEANING[(device, purpose)] = buf
-    return buf

@@ -52,7 +52,7 @@ from benchmarks.kernels.timing import graph_time, measure_peak_bw
 from kernels import torch_moe_lora
 from kernels import triton_moe_lora as ours
 from kernels.triton_plan import LaunchOptions, grouped_block_m, plan_config, plan_name
-from kernels.triton_util import device_name, num_sms
+from kernels.triton_util import device_name
 
 GRID_M = [1, 4, 16, 64, 256, 1024, 4096]
 GRID_ADAPTERS = [1, 4, 8, 32]
@@ -78,7 +78,7 @@ def options_of(opts: dict) -> LaunchOptions:
 
 def run_ours(opts, o13, o2, x, hh, topk_ids, slots, topk_w, w, enabled, num_slots, experts):
     """One layer call of our op (w13, then w2 reusing w13's routing) under a variant given as
-    LaunchOptions fields (mode, sorter, block_m, decode, handoff, pdl, prefetch, waves, ...)."""
+    LaunchOptions fields (mode, sorter, block_m, pdl, prefetch, waves, ...)."""
     options = options_of(opts)
     r = ours.add_moe_lora_w13(o13, x, topk_ids, slots, w["a13"], w["b13"], enabled, options=options)
     ours.add_moe_lora_w2(
@@ -157,8 +157,7 @@ def check_case(vllm, model, rank, m, n_act, gen, variants):
 
 CHECK_VARIANTS = {
     "auto": {},
-    "decode-fused": dict(mode="naive", decode="fused"),
-    "tile-naive": dict(mode="naive", decode="split"),
+    "tile-naive": dict(mode="naive"),
     "grouped-onepass": dict(mode="grouped", sorter="onepass"),
     "grouped-count": dict(mode="grouped", sorter="count"),
     "nopf-nopdl": dict(prefetch=False, pdl=False),
@@ -330,7 +329,7 @@ def summarize(rows):
 
 TUNE_VARIANTS = {
     "auto": {},
-    "naive": dict(mode="naive", decode="split"),
+    "naive": dict(mode="naive"),
     "grouped": dict(mode="grouped"),
     "nopf": dict(prefetch=False),
     "nopdl": dict(pdl=False),
@@ -390,7 +389,7 @@ PROBE_CELLS = [
 def probe_variants(model, rank, n_act, m):
     v = {"auto": {}}
     if m <= 64 or n_act == 32:
-        v["naive"] = dict(mode="naive", decode="split")
+        v["naive"] = dict(mode="naive")
         v["grouped"] = dict(mode="grouped")
     if m >= 256:
         for bm in (16, 32, 64):
@@ -412,21 +411,20 @@ def _cfg():
 def our_path_name(model, rank, m, n_act):
     """What the automatic plan picks (for the table)."""
     spec = MODELS[model]
-    return plan_name(_cfg(), m * spec["top_k"], n_act, spec["experts"], rank, num_sms(0))
+    return plan_name(_cfg(), m * spec["top_k"], n_act, spec["experts"], rank)
 
 
 def plan_variants(model, rank, n_act, m):
-    """The plan ("auto") and, where the plan has a close alternative, both sides forced:
-    the fused decode kernel vs the two-launch tile path for naive batches the fused kernel may
-    take (sets decode_fused_max_pairs), and the two pair sorters from 1025 to 4096 pairs (sets
-    onepass_sort_max_pairs)."""
+    """The plan ("auto") and, where the plan has a close alternative, both sides forced: the
+    two pair sorters from 1025 to 4096 pairs (onepass_sort_max_pairs), and the expand's K-split
+    sum unrolled or not up to M = 256 (unroll_ksplit_max)."""
     spec = MODELS[model]
     p = m * spec["top_k"]
     path = our_path_name(model, rank, m, n_act)
     v = {"auto": {}}
-    if path.startswith(("decode", "tile-naive")) and p <= 2 * num_sms(0):
-        v["fused"] = dict(mode="naive", decode="fused")
-        v["split"] = dict(mode="naive", decode="split")
+    if m <= 256:
+        v["rolled"] = dict(unroll_ksplit=False)
+        v["unrolled"] = dict(unroll_ksplit=True)
     if path.startswith("tile-grouped") and 1024 < p <= 4096:
         v["onepass"] = dict(mode="grouped", sorter="onepass")
         v["count"] = dict(mode="grouped", sorter="count")

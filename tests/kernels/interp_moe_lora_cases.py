@@ -2,10 +2,8 @@
 oracle (tests/kernels/oracle.py) on CPU tensors under TRITON_INTERPRET=1 (this file is not
 collected by itself).
 
-Every execution path is forced in turn (the one-launch fused decode kernel, with the "last
-arriver expands" handoff: the interpreter runs programs one after another, so the GPU's
-"barrier" handoff cannot run here; the two-launch tile path with naive routing; the tile path
-with each pair sorter) plus the automatic choice. Shapes are tiny so the interpreter stays fast.
+Every execution path is forced in turn (naive routing: a tile is one pair; grouped routing with
+each pair sorter) plus the automatic choice. Shapes are tiny so the interpreter stays fast.
 Rows without an adapter must be bit-for-bit equal to the input.
 """
 
@@ -26,7 +24,7 @@ try:
     import triton.language as tl
 
     from kernels import triton_moe_lora as tml
-    from kernels.triton_plan import LaunchOptions, decode_config, plan_config
+    from kernels.triton_plan import LaunchOptions
 
     @triton.jit
     def _dot_probe(a_ptr, b_ptr, c_ptr):
@@ -51,10 +49,11 @@ def _interpreter_dot_ok(dtype) -> bool:
 
 
 PATHS = [
-    pytest.param(LaunchOptions(mode="naive", decode="fused"), id="decode-fused"),
-    pytest.param(LaunchOptions(mode="naive", decode="split"), id="tile-naive"),
+    pytest.param(LaunchOptions(mode="naive"), id="tile-naive"),
     pytest.param(LaunchOptions(mode="grouped", sorter="onepass"), id="tile-grouped-onepass"),
     pytest.param(LaunchOptions(mode="grouped", sorter="count"), id="tile-grouped-count"),
+    pytest.param(LaunchOptions(mode="naive", unroll_ksplit=True), id="tile-naive-unrolled-sum"),
+    pytest.param(LaunchOptions(mode="grouped", unroll_ksplit=True), id="grouped-unrolled-sum"),
     pytest.param(LaunchOptions(), id="auto"),
 ]
 
@@ -98,7 +97,7 @@ SHAPES = [
     pytest.param((5, 96, 40, 8, 2, 3, 8), id="M5-r8-oddK"),
     pytest.param((24, 64, 64, 4, 3, 2, 24), id="M24-r24"),
     pytest.param((3, 200, 72, 4, 2, 2, 32), id="M3-r32-K200"),
-    pytest.param((1, 600, 520, 4, 2, 2, 16), id="M1-ksplit3"),  # decode: 3 K-splits
+    pytest.param((1, 600, 520, 4, 2, 2, 16), id="M1-K600"),
 ]
 
 
@@ -110,10 +109,10 @@ def test_paths_fp32(kind, shape, options):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("options", PATHS[:4])
+@pytest.mark.parametrize("options", PATHS[:3])
 @pytest.mark.parametrize("kind", ["w13", "w2"])
 def test_paths_half(kind, options, dtype):
-    if options.decode != "fused" and not _interpreter_dot_ok(dtype):
+    if not _interpreter_dot_ok(dtype):
         pytest.skip(f"the Triton interpreter's tl.dot is wrong for {dtype}; checked on the GPU")
     check(kind, make_case(1, 6, 64, 48, 4, 2, 3, 16, dtype), options, dtype)
 
@@ -130,11 +129,11 @@ def test_large_m_grouped_tiles_span_groups(kind, sorter):
 @pytest.mark.parametrize("kind", ["w13", "w2"])
 def test_rank_128(kind):
     c = make_case(3, 3, 64, 32, 4, 2, 2, 128, torch.float32, mixed_ranks=False)
-    for options in [LaunchOptions(mode="naive", decode="fused"), LaunchOptions(mode="grouped")]:
+    for options in [LaunchOptions(mode="naive"), LaunchOptions(mode="grouped")]:
         check(kind, c, options, torch.float32)
 
 
-@pytest.mark.parametrize("options", PATHS[:4])
+@pytest.mark.parametrize("options", PATHS[:3])
 @pytest.mark.parametrize("kind", ["w13", "w2"])
 def test_disabled_slots(kind, options):
     c = make_case(4, 12, 32, 32, 4, 2, 4, 8, torch.float32, no_adapter=0.2)
@@ -142,28 +141,19 @@ def test_disabled_slots(kind, options):
     check(kind, c, options, torch.float32, enabled)
 
 
-@pytest.mark.parametrize("options", PATHS[:4])
+@pytest.mark.parametrize("options", PATHS[:3])
 def test_no_adapter_batch_is_untouched(options):
     c = make_case(5, 8, 32, 32, 4, 2, 2, 16, torch.float32, no_adapter=1.0)
     for kind in ["w13", "w2"]:
         check(kind, c, options, torch.float32)
 
 
-@pytest.mark.parametrize("options", PATHS[:4])
+@pytest.mark.parametrize("options", PATHS[:3])
 def test_out_of_range_slot_is_ignored(options):
     # A slot id >= S never indexes past the weights (nor aliases a slot).
     c = make_case(6, 4, 32, 32, 4, 2, 2, 16, torch.float32, no_adapter=0.0)
     c["token_slots"][0] = 7
     check("w2", c, options, torch.float32)
-
-
-def test_decode_counters_are_left_zeroed():
-    # The fused decode kernel's tickets must be zero after every launch, or the next call
-    # (a CUDA-graph replay) would hand off too early.
-    c = make_case(7, 6, 64, 32, 4, 2, 2, 16, torch.float32, no_adapter=0.3)
-    check("w13", c, LaunchOptions(mode="naive", decode="fused"), torch.float32)
-    check("w2", c, LaunchOptions(mode="naive", decode="fused"), torch.float32)
-    assert int(tml._tickets(torch.device("cpu"), 1).abs().sum()) == 0
 
 
 def test_routing_is_reused_by_w2():
@@ -274,19 +264,3 @@ def test_bm64_without_prefetch_and_more_splits(kind):
         LaunchOptions(mode="grouped", block_m=16, waves=8),
     ):
         check(kind, c, options, torch.float32)
-
-
-def test_decode_config_covers_k_and_n_within_the_resident_grid():
-    cfg = plan_config(None)
-    for pairs, rank, k, n in [
-        (4, 16, 2880, 5760),
-        (64, 64, 2048, 768),
-        (128, 16, 768, 2048),
-        (1, 128, 100, 37),
-        (264, 16, 2880, 2880),
-    ]:
-        ksplit, k_per, tiles_per, meta = decode_config(cfg, pairs, rank, k, n, sms=132)
-        assert k_per % meta["BLOCK_K"] == 0 and ksplit * k_per >= k > (ksplit - 1) * k_per
-        assert ksplit * tiles_per * meta["BLOCK_N"] >= n
-        assert pairs * ksplit <= cfg["decode_ctas_per_sm"] * 132 or ksplit == 1
-        assert meta["BLOCK_R"] * max(meta["BLOCK_K"], meta["BLOCK_N"]) <= 4096 or rank > 128

@@ -589,7 +589,7 @@ def _launch_tiles(
         prefetch = p >= cfg["prefetch_min_pairs"] and bm < cfg["nopf_min_block_m"]
     unroll = opts.unroll_ksplit
     if unroll is None:
-        unroll = ksplit <= cfg["unroll_ksplit_max"]
+        unroll = p <= cfg["unroll_ksplit_max_pairs"]
     part = torch.empty(ksplit * len(a) * p * sc["BLOCK_R"], dtype=torch.float32, device=x.device)
     dummy = token_slots
     tg = dummy if naive else routing.tile_group

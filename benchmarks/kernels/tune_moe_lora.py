@@ -113,7 +113,8 @@ def main():
     ap.add_argument("bench_json")
     args = ap.parse_args()
     data = json.loads(Path(args.bench_json).read_text())
-    cells = [c for c in data["timing"] if c["routing"] == "uniform"]
+    rows = data.get("layer") or data["timing"]  # round one wrote "timing"
+    cells = [c for c in rows if c["routing"] == "uniform"]
     plan, evidence = {}, {}
     for name, (rule, cost, n) in {
         "mode": derive_mode(cells),

@@ -1,0 +1,46 @@
+"""Plan thresholds: one source (kernels/configs/), tuned files applied on their GPU only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("triton")
+from kernels.triton_plan import (  # noqa: E402
+    CONFIG_DIR,
+    choose_mode,
+    config_file_name,
+    grouped_block_m,
+    plan_config,
+)
+
+
+def test_tuned_file_applies_to_its_gpu_only():
+    defaults = plan_config(None)
+    h200 = json.loads((CONFIG_DIR / "NVIDIA_H200.json").read_text())["plan"]
+    assert config_file_name("NVIDIA H200") == "NVIDIA_H200.json"
+    assert plan_config("NVIDIA H200") == {**defaults, **h200}
+    # Another Hopper part, and unknown GPUs, get the defaults, never the H200 values.
+    assert plan_config("NVIDIA H100 80GB HBM3") == defaults
+    assert plan_config("NVIDIA H200 NVL") == defaults
+    assert any(defaults[k] != v for k, v in h200.items()), "test needs a tuned difference"
+
+
+def test_every_tuned_key_has_a_default():
+    defaults = plan_config(None)
+    for path in CONFIG_DIR.glob("*.json"):
+        plan = json.loads(path.read_text())["plan"]
+        assert set(plan) <= set(defaults), f"{path.name}: keys without a default"
+
+
+def test_plan_rules_are_rank_aware():
+    cfg = plan_config("NVIDIA H200")
+    t = cfg["grouped_min_pair_rank"]
+    # sparse batches stay naive at small pairs x rank, go grouped once pairs x rank is large
+    assert choose_mode(cfg, 64, 1024, rank=16) == "naive"
+    assert choose_mode(cfg, t // 64, 1 << 20, rank=64) == "grouped"
+    # rank >= 64 with big groups: BLOCK_M 64; few pairs: BLOCK_M 16 even with big groups
+    assert grouped_block_m(cfg, 4096, 32, rank=64) == 64
+    assert grouped_block_m(cfg, 4096, 32, rank=16) == 32
+    assert grouped_block_m(cfg, 1024, 32, rank=16) == 16

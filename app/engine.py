@@ -29,6 +29,7 @@ from app.config import EngineConfig
 from app.contract import AutoscalingStat, ReplyHead, ReplyItem, ReplyKind, ReplyTail, RoutingStats
 from app.logs import get_logger
 from app.model_files import resolve_adapter_path, resolve_model_path
+from app.replica_env import reset_niceness
 
 logger = get_logger("engine")
 
@@ -103,6 +104,45 @@ def vllm_cli_args(cfg: EngineConfig) -> list[str]:
         else:
             flags += [f"--{name}", str(value)]
     return flags
+
+
+async def coalesce(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """vLLM's SSE chunks, joined into one item whenever several are ready by the time the
+    consumer asks for the next one; never waits for more (no timer: a lone stream still gets
+    each token at once). Every item crossing the Ray hop costs the same however long it is, so
+    a busy replica, whose consumer lags, sends few large items instead of many small ones."""
+    ready: list[str] = []
+    done = False
+    failure: BaseException | None = None
+    wake = asyncio.Event()
+
+    async def pump() -> None:
+        nonlocal done, failure
+        try:
+            async for chunk in chunks:
+                ready.append(chunk)
+                wake.set()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer below
+            failure = exc
+        finally:
+            done = True
+            wake.set()
+
+    pumping = asyncio.create_task(pump())
+    try:
+        while True:
+            await wake.wait()
+            wake.clear()
+            if ready:
+                batch = "".join(ready)
+                ready.clear()
+                yield batch
+            if done and not ready:
+                if failure is not None:
+                    raise failure
+                return
+    finally:
+        pumping.cancel()
 
 
 def _serving_request():
@@ -209,7 +249,7 @@ class VLLMEngine:
             yield self._error_head(result)
         elif hasattr(result, "__aiter__"):
             yield ReplyHead(self.replica_id, ReplyKind.STREAM)
-            async for chunk in result:
+            async for chunk in coalesce(result):
                 yield chunk
             usage = getattr(raw_request.state, "request_metadata", None)
             usage = usage.final_usage_info if usage is not None else None
@@ -247,6 +287,7 @@ class EngineDeployment:
     """Ray Serve replica around one VLLMEngine: one method per endpoint (app/contract.py)."""
 
     async def __init__(self, engine: EngineConfig, adapter_paths: dict[str, str]):
+        reset_niceness()  # before vLLM starts its processes: they inherit it
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.llm = VLLMEngine(engine, adapter_paths, replica_id)
         # Start the engine in the constructor: the replica counts as running (and gets traffic)

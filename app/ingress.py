@@ -38,6 +38,7 @@ from app.openai_errors import (
     service_unavailable,
     unauthorized,
 )
+from app.replica_env import reset_niceness
 from app.request_log import AccessLogMiddleware, RequestRecord
 from app.tenants import TenantDirectory
 
@@ -208,6 +209,7 @@ class Ingress:
     def __init__(
         self, engine, tenants: TenantDirectory, catalog: AdapterCatalog, retry_after_s: int
     ):
+        reset_niceness()
         self._api = build_api(EngineClient(engine), tenants, catalog, retry_after_s)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

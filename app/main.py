@@ -16,6 +16,7 @@ from app.adapters import AdapterCatalog
 from app.config import AppConfig
 from app.engine import EngineDeployment, engine_env_vars
 from app.ingress import Ingress
+from app.replica_env import with_replica_env
 from app.tenants import TenantDirectory
 
 
@@ -23,14 +24,10 @@ def build_app(args: dict[str, Any]) -> Application:
     """A bad field fails `serve run` here, before anything starts."""
     cfg = AppConfig.from_args(args)
     dep = cfg.deployment
-    actor_options = dict(dep.ray_actor_options)
-    runtime_env = dict(actor_options.pop("runtime_env", {}) or {})
-    runtime_env["env_vars"] = {**engine_env_vars(dep.env_vars), **runtime_env.get("env_vars", {})}
-    actor_options["runtime_env"] = runtime_env
     options: dict[str, Any] = dict(
         max_ongoing_requests=dep.max_ongoing_requests,
         max_queued_requests=dep.max_queued_requests,
-        ray_actor_options=actor_options,
+        ray_actor_options=with_replica_env(dep.ray_actor_options, engine_env_vars(dep.env_vars)),
         health_check_period_s=dep.health_check_period_s,
         request_router_config=RequestRouterConfig(
             request_router_class="app.request_router:AdapterAffinityRequestRouter",
@@ -47,7 +44,7 @@ def build_app(args: dict[str, Any]) -> Application:
     return Ingress.options(
         num_replicas=ingress.num_replicas,
         max_ongoing_requests=ingress.max_ongoing_requests,
-        ray_actor_options=ingress.ray_actor_options,
+        ray_actor_options=with_replica_env(ingress.ray_actor_options, {}),
     ).bind(
         engine,
         TenantDirectory(cfg.tenants),

@@ -1,0 +1,44 @@
+"""How our replicas run on a node: the process settings both deployments share.
+
+Why these exist (measured on the 2-core CPU machine, docs/serving.md):
+  * Ray starts worker processes at nice 15, below the client, the proxy and Ray's own daemons.
+    vLLM's engine core and worker inherit it from the engine replica, so under load the engine
+    that produces every token gets the CPU last. Replicas reset their niceness to 0 where the
+    OS allows (as root, or with CAP_SYS_NICE); `RAY_worker_niceness=0` at `ray start` does the
+    same for every worker.
+  * Ray Serve runs user code on a second event loop in another thread by default, so every
+    streamed item crosses threads. Our replicas only await (the ingress) or run vLLM's asyncio
+    front end (the engine), so they run user code on Serve's own loop.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from app.logs import get_logger
+
+logger = get_logger("replica_env")
+
+REPLICA_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+
+
+def with_replica_env(actor_options: dict[str, Any], env_vars: dict[str, str]) -> dict[str, Any]:
+    """Ray actor options with our replica env vars under any the config sets (config wins)."""
+    options = dict(actor_options)
+    runtime_env = dict(options.pop("runtime_env", {}) or {})
+    runtime_env["env_vars"] = {**REPLICA_ENV_VARS, **env_vars, **runtime_env.get("env_vars", {})}
+    options["runtime_env"] = runtime_env
+    return options
+
+
+def reset_niceness() -> None:
+    """Run this process (and what it starts) at nice 0 if Ray started it lower."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+        logger.info("process priority raised from nice %d to 0", current)
+    except PermissionError:
+        logger.info("running at nice %d (not allowed to change it)", current)

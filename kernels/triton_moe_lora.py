@@ -363,7 +363,7 @@ def _tile_expand_kernel(
         )
         pdl_wait(PDL)
 
-    # ---- the rank intermediate: sum of the K-split partials, rounded like the reference ----
+    # ---- the rank intermediate: sum of the K-split partials, rounded like the torch backend
     rows = (row0 + offs_m).to(tl.int64)
     p_ptrs = part_ptr + rows[:, None] * BLOCK_R + offs_r[None, :]
     t0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)

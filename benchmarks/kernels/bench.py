@@ -1,7 +1,7 @@
 """The Triton MoE-LoRA op against vLLM 0.32.0's fused_moe_lora on one GPU, two ways.
 
 Run on the GPU machine from the repository root, after
-`python -m benchmarks.kernels.fetch_vllm_reference` here (it copies vLLM's Triton ops into the
+`python -m benchmarks.kernels.fetch_vllm_ops` here (it copies vLLM's Triton ops into the
 ignored .vllm_ref/, carried along):
 
     python -m benchmarks.kernels.bench --check --single --layer --out DIR
@@ -651,7 +651,7 @@ def main():
         vllm = vllm_ops.VllmLoRA()
         info["vllm_ref"] = vllm_ops.source()
     except Exception as exc:  # noqa: BLE001
-        log(f"vLLM reference unavailable: {exc!r}")
+        log(f"vLLM op copy unavailable: {exc!r}")
         vllm = None
     info["peak_copy_gbps"] = measure_peak_bw()
     log(json.dumps(info))

@@ -1,12 +1,12 @@
 """vLLM 0.32.0's Triton ops, run unmodified from .vllm_ref/ (benchmarks/kernels/
-fetch_vllm_reference.py copies them there; never committed), called the way vLLM calls them.
+fetch_vllm_ops.py copies them there; never committed), called the way vLLM calls them.
 
   VllmLoRA     fused_moe_lora, as PunicaWrapperGPU.add_lora_w13 / add_lora_w2 call it.
   VllmBaseMoE  the base fused-MoE kernel (fused_moe_kernel), launched as vLLM's
                invoke_fused_moe_triton_kernel does for unquantized bf16 weights, with the
                config vLLM picks on an H200 (try_get_optimal_moe_config).
 Both need routing metadata from vLLM's CUDA op moe_(lora_)align_block_size, which the GPU
-machine lacks: benchmarks/kernels/vllm_align_reference.py builds it in PyTorch, outside the
+machine lacks: benchmarks/kernels/vllm_align.py builds it in PyTorch, outside the
 timed region (this favours vLLM: its routing is not timed, ours is).
 """
 
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from benchmarks.kernels.vllm_align_reference import active_lora_ids, punica_align
+from benchmarks.kernels.vllm_align import active_lora_ids, punica_align
 
 ROOT = Path(__file__).resolve().parents[2]
 REF = ROOT / ".vllm_ref"

@@ -2,8 +2,8 @@
 passes at PunicaWrapperGPU.add_lora_w13 / add_lora_w2, produce what vLLM's own op produces.
 
 Needs a CUDA GPU and vLLM's Triton op copied into .vllm_ref/ (python -m
-benchmarks.kernels.fetch_vllm_reference); skipped otherwise. vLLM's routing metadata comes from
-benchmarks.kernels.vllm_align_reference (its moe_lora_align_block_size semantics), built the way
+benchmarks.kernels.fetch_vllm_ops); skipped otherwise. vLLM's routing metadata comes from
+benchmarks.kernels.vllm_align (its moe_lora_align_block_size semantics), built the way
 PunicaWrapperGPU.add_lora_w13 does: naive block assignment when
 num_tokens * top_k * 8 <= E * max_loras, else block-aligned sorting with the shrink
 BLOCK_SIZE_M; lora_ids = active LoRA ids; num_active_loras = max_loras + 1 (vLLM's default,
@@ -25,12 +25,11 @@ try:
     from vllm_ref import fused_moe_lora_op as vllm_op
 except Exception as exc:  # noqa: BLE001
     pytest.skip(
-        f"vLLM reference op not available ({exc!r}); run "
-        "python -m benchmarks.kernels.fetch_vllm_reference",
+        f"vLLM op copy not available ({exc!r}); run python -m benchmarks.kernels.fetch_vllm_ops",
         allow_module_level=True,
     )
 
-from benchmarks.kernels.vllm_align_reference import active_lora_ids, punica_align
+from benchmarks.kernels.vllm_align import active_lora_ids, punica_align
 from kernels.vllm_plugin import moe_hooks
 
 DEV = "cuda"
@@ -73,7 +72,7 @@ def make(seed, m, hidden, inter, experts, top_k, max_loras, rank, dtype):
     )
 
 
-def vllm_reference(c, y13, y2, max_loras, block_m, add_inputs):
+def run_vllm_op(c, y13, y2, max_loras, block_m, add_inputs):
     m, top_k = c["topk_ids"].shape
     experts = c["a13"][0].shape[1]
     rank = c["a13"][0].shape[2]
@@ -164,7 +163,7 @@ def test_hook_matches_vllm_op(case, add_inputs):
         base13.zero_()
         base2.zero_()
     want13, want2 = base13.clone(), base2.clone()
-    vllm_reference(c, want13, want2, max_loras, block_m, add_inputs)
+    run_vllm_op(c, want13, want2, max_loras, block_m, add_inputs)
     got13, got2 = base13.clone(), base2.clone()
     ours(c, got13, got2, add_inputs)
     torch.cuda.synchronize()

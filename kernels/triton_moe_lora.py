@@ -22,8 +22,9 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
     - shrink grid (tile, K-split): tl.dot of the tile's gathered activation rows with the
       (slot, expert) A block; each split writes its own partial (no atomics, no zero-fill).
       For w13 one program does both slices (gate, up): the activation tile is loaded once.
-    - expand grid (tile, N-split): sums the K partials, rounds to the activation dtype, and
-      multiplies by the B block in BLOCK_N column tiles, read-modify-writing out in place. The
+    - expand grid (tile, N-split): sums the K partials (unrolled for small batches, so every
+      partial's load is in flight at once), rounds to the activation dtype, and multiplies by
+      the B block in BLOCK_N column tiles, read-modify-writing out in place. The
       next column tile's B and out tiles are prefetched one iteration ahead (the out RMW is
       not a tl.dot operand, so Triton would not pipeline it; it dominates at large batch).
   A tile is one pair ("naive") or up to BLOCK_M pairs of one (slot, expert) group ("grouped",
@@ -38,7 +39,8 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
 
 * A one-launch decode kernel (split-K shrink with a ticketed, spin-waiting handoff to the
   expand in the same grid) was built and measured slower than these two PDL launches in every
-  decode cell on the H200 (docs/kernels.md, "Third pass"); it is not kept.
+  decode cell on the H200 (docs/kernels.md, "What was built and tried in round two"): its
+  in-grid handoff cost more than the launch boundary it removed. It is not kept.
 
 * No autotuning at run time: block sizes are rules of the shapes, and the plan thresholds come
   from kernels/configs/ by GPU name (kernels/triton_plan.py).
@@ -507,7 +509,7 @@ class _Call:
     """What one projection launch needs to know about the device and the plan."""
 
     def __init__(self, device: torch.device, num_pairs: int, options: LaunchOptions):
-        index = device.index or 0 if device.type == "cuda" else 0
+        index = (device.index or 0) if device.type == "cuda" else 0
         self.sms = num_sms(index) if device.type == "cuda" else 4
         self.cfg = plan_config(device_name(index) if device.type == "cuda" else None)
         self.options = options
@@ -552,6 +554,9 @@ def route_pairs(
 def _launch_tiles(
     call, routing, out, x, topk_ids, w, token_slots, enabled, has_en, a, b, is_w2, out_col0
 ):
+    """Shrink then expand for <= 2 slices. a/b: lists of [S, E, R, K] / [S, E, N, R]; out:
+    [M, top_k, >= out_col0 + slices * N]; x: [M, K] (w13) or [M * top_k, K] (w2); w: the routing
+    weights [M, top_k] for w2 (any tensor otherwise)."""
     num_slots, num_experts, rank, k_dim = a[0].shape
     n_dim = b[0].shape[2]
     m, top_k = topk_ids.shape

@@ -30,7 +30,6 @@ class LaunchOptions:
     mode: str | None = None  # "naive" (a tile is one pair) | "grouped" (pairs of one block)
     sorter: str | None = None  # grouped only: "onepass" | "count" (the pair sorter)
     block_m: int | None = None  # grouped only: pairs per tile
-    # of its pair are in) | "last" (the last K-split to arrive expands all columns)
     pdl: bool | None = None  # programmatic dependent launch
     prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead
     waves: int | None = None  # programs per launch, in multiples of the SM count

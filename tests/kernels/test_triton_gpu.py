@@ -1,5 +1,6 @@
 """The Triton backend on a CUDA GPU against the oracle, at the real model shapes, every path
-forced in turn (naive routing; grouped routing with each pair sorter) plus the automatic plan;
+forced in turn (naive routing; grouped routing with each pair sorter; the expand's K-split sum
+unrolled) plus the automatic plan;
 and the op replayed in a CUDA graph. Skipped without CUDA.
 """
 
@@ -18,6 +19,8 @@ from tests.kernels.cases import check_against_oracle, make_case  # noqa: E402
 
 PATHS = {
     "tile-naive": LaunchOptions(mode="naive"),
+    "tile-naive-unrolled-sum": LaunchOptions(mode="naive", unroll_ksplit=True),
+    "grouped-unrolled-sum": LaunchOptions(mode="grouped", unroll_ksplit=True),
     "grouped-onepass": LaunchOptions(mode="grouped", sorter="onepass"),
     "grouped-count": LaunchOptions(mode="grouped", sorter="count"),
     "auto": LaunchOptions(),

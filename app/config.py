@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.builtin_model import BUILTIN_MODEL_NAME
+from app.request_policy import RequestLimits
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 BUILTIN = "builtin"  # engine.model: the built-in model; adapter path "builtin:<name>": its adapters
@@ -122,6 +123,7 @@ class AppConfig(_Strict):
     tenants: list[TenantConfig] = Field(default_factory=list)
     adapters: list[AdapterConfig] = Field(default_factory=list)
     retry_after_s: int = Field(default=2, ge=1)
+    request_limits: RequestLimits = Field(default_factory=RequestLimits)
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

@@ -17,9 +17,11 @@ the Ray Serve deployment that serves it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
@@ -33,13 +35,23 @@ from app.contract import ReplyHead, ReplyItem, ReplyKind, ReplyTail
 from app.logs import get_logger
 from app.openai_errors import (
     bad_request,
+    echo,
+    error_response,
     install_handlers,
     model_not_found,
     service_unavailable,
+    too_large,
     unauthorized,
 )
 from app.replica_env import reset_niceness
 from app.request_log import AccessLogMiddleware, RequestRecord
+from app.request_policy import (
+    PolicyViolation,
+    RequestLimits,
+    check_fields,
+    check_limits,
+    tenant_cache_salt,
+)
 from app.tenants import TenantDirectory
 
 logger = get_logger("ingress")
@@ -116,25 +128,99 @@ async def relay(replies: Replies, record: RequestRecord) -> AsyncIterator[str]:
             replies.cancel()
 
 
+class BodyRejected(Exception):
+    def __init__(self, response: Response):
+        self.response = response
+
+
+async def read_body(request: Request, limits: RequestLimits) -> bytes:
+    """The body, bounded in size and in the time the client takes to send it (a client that
+    announces more than it sends must not hold a connection for minutes)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise BodyRejected(too_large(limits.max_body_bytes))
+
+    async def receive_all() -> bytes:
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limits.max_body_bytes:
+                raise BodyRejected(too_large(limits.max_body_bytes))
+            parts.append(part)
+        return b"".join(parts)
+
+    try:
+        return await asyncio.wait_for(receive_all(), timeout=limits.body_timeout_s)
+    except TimeoutError:
+        raise BodyRejected(
+            error_response(HTTPStatus.REQUEST_TIMEOUT, "The request body was not received in time.")
+        ) from None
+
+
+Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+
+
+async def serve_readiness(engine_deployment: str = "Engine") -> tuple[bool, dict[str, Any]]:
+    """Ready when at least one engine replica runs; each deployment's status as Serve sees it."""
+    app_name = serve.get_replica_context().app_name
+    status = await asyncio.to_thread(serve.status)
+    app = status.applications.get(app_name)
+    if app is None:
+        return False, {}
+    deployments = {
+        name: {
+            "status": str(d.status),
+            "replicas": {str(k): v for k, v in d.replica_states.items()},
+        }
+        for name, d in app.deployments.items()
+    }
+    engine = app.deployments.get(engine_deployment)
+    running = engine.replica_states.get("RUNNING", 0) if engine is not None else 0
+    return running > 0, deployments
+
+
 def build_api(
-    engine: EngineClient, tenants: TenantDirectory, catalog: AdapterCatalog, retry_after_s: int
+    engine: EngineClient,
+    tenants: TenantDirectory,
+    catalog: AdapterCatalog,
+    retry_after_s: int,
+    limits: RequestLimits | None = None,
+    readiness: Readiness | None = None,
 ) -> FastAPI:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
+    from vllm.exceptions import VLLMValidationError
 
     protocols = {"chat": ChatCompletionRequest, "completion": CompletionRequest}
-    api = FastAPI(title="moelora-serve", docs_url=None, redoc_url=None)
+    limits = limits or RequestLimits()
+    # No public schema or docs pages: the API is OpenAI's, documented there and in the README.
+    api = FastAPI(title="moelora-serve", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(api)
     api.add_middleware(AccessLogMiddleware)
 
+    def tenant_of(request: Request):
+        # Two Authorization headers are refused, not resolved: which one a proxy in front
+        # keeps is not ours to guess.
+        values = request.headers.getlist("authorization")
+        return tenants.authenticate(values[0]) if len(values) == 1 else None
+
     @api.get("/health")
     async def health() -> Response:
+        """Liveness: this ingress replica answers."""
         return Response(status_code=200)
+
+    @api.get("/ready")
+    async def ready() -> Response:
+        """Readiness: an engine can serve. 503 (with each deployment's state) until then."""
+        is_ready, deployments = await readiness() if readiness else (True, {})
+        body = {"ready": is_ready, "deployments": deployments}
+        headers = None if is_ready else {"Retry-After": str(retry_after_s)}
+        return JSONResponse(body, status_code=200 if is_ready else 503, headers=headers)
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
-        tenant = tenants.authenticate(request.headers.get("authorization"))
+        tenant = tenant_of(request)
         if tenant is None:
             return unauthorized()
         request.state.record.tenant = tenant.name
@@ -147,24 +233,35 @@ def build_api(
 
     async def generate(endpoint: Endpoint, http_request: Request) -> Response:
         record: RequestRecord = http_request.state.record
-        tenant = tenants.authenticate(http_request.headers.get("authorization"))
+        tenant = tenant_of(http_request)
         if tenant is None:
             return unauthorized()
         record.tenant = tenant.name
         try:
-            body = json.loads(await http_request.body())
+            body = json.loads(await read_body(http_request, limits))
+        except BodyRejected as rejected:
+            return rejected.response
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-            return bad_request(f"Invalid JSON body: {exc}")
+            return bad_request(f"Invalid JSON body: {echo(exc)}")
         except RecursionError:
             return bad_request("Invalid JSON body: nested too deeply.")
         if not isinstance(body, dict):
             return bad_request("The body must be a JSON object.")
         try:
+            check_fields(endpoint, body)
             request = protocols[endpoint].model_validate(body)
+            check_limits(request, limits)
+        except PolicyViolation as exc:
+            return bad_request(exc.message, exc.param)
         except ValidationError as exc:
             return bad_request(_validation_message(exc))
+        except (VLLMValidationError, ValueError) as exc:  # vLLM's own validators
+            return bad_request(echo(exc), getattr(exc, "parameter", None))
         if endpoint == "chat" and not request.messages:
             return bad_request("messages must not be empty.", "messages")
+        if request.model is None:
+            return bad_request("model is required.", "model")
+        request.cache_salt = tenant_cache_salt(tenant.name, request.cache_salt)
         try:
             adapter = catalog.resolve(request.model, tenant)
         except ModelNotFound:
@@ -207,10 +304,17 @@ class Ingress:
     only awaits engines), more replicas add HTTP parsing capacity, not model capacity."""
 
     def __init__(
-        self, engine, tenants: TenantDirectory, catalog: AdapterCatalog, retry_after_s: int
+        self,
+        engine,
+        tenants: TenantDirectory,
+        catalog: AdapterCatalog,
+        retry_after_s: int,
+        limits: RequestLimits,
     ):
         reset_niceness()
-        self._api = build_api(EngineClient(engine), tenants, catalog, retry_after_s)
+        self._api = build_api(
+            EngineClient(engine), tenants, catalog, retry_after_s, limits, serve_readiness
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._api

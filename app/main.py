@@ -50,4 +50,5 @@ def build_app(args: dict[str, Any]) -> Application:
         TenantDirectory(cfg.tenants),
         AdapterCatalog(cfg.engine.served_model_name, cfg.adapters),
         cfg.retry_after_s,
+        cfg.request_limits,
     )

@@ -25,6 +25,7 @@ _TYPE_BY_STATUS = {
     HTTPStatus.FORBIDDEN: "PermissionDeniedError",
     HTTPStatus.NOT_FOUND: "NotFoundError",
     HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowedError",
+    HTTPStatus.REQUEST_TIMEOUT: "RequestTimeoutError",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestTooLargeError",
     HTTPStatus.UNPROCESSABLE_ENTITY: "BadRequestError",
     HTTPStatus.TOO_MANY_REQUESTS: "RateLimitError",
@@ -76,6 +77,12 @@ def service_unavailable(retry_after_s: int) -> JSONResponse:
         HTTPStatus.SERVICE_UNAVAILABLE,
         "The server is at capacity. Retry after a short wait.",
         headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def too_large(max_bytes: int) -> JSONResponse:
+    return error_response(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"The request body exceeds {max_bytes} bytes."
     )
 
 

@@ -33,12 +33,20 @@ def with_replica_env(actor_options: dict[str, Any], env_vars: dict[str, str]) ->
 
 
 def reset_niceness() -> None:
-    """Run this process (and what it starts) at nice 0 if Ray started it lower."""
+    """Run this process (every thread, and what it starts) at nice 0 if Ray started it lower.
+    On Linux niceness is per thread, so each existing thread is reset."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if current <= 0:
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 0)
-        logger.info("process priority raised from nice %d to 0", current)
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the process is the unit
+        threads = [0]
+    try:
+        for tid in threads:
+            os.setpriority(os.PRIO_PROCESS, tid, 0)
+        logger.info("priority raised from nice %d to 0 (%d threads)", current, len(threads))
     except PermissionError:
         logger.info("running at nice %d (not allowed to change it)", current)
+    except ProcessLookupError:  # a thread ended meanwhile
+        pass

@@ -1,5 +1,5 @@
 """The real application (Ray Serve + 2 vLLM CPU engine replicas + our plugin), over HTTP, with the
-official `openai` client and httpx. Started once for the module.
+official `openai` client and httpx. Started once for the package (conftest.py).
 
 Engines run fp32 and greedy so that a request's tokens do not depend on what it is batched with:
 "each tenant gets its own adapter" is checked as "concurrent output == output alone", after
@@ -16,67 +16,23 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
-from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_ADAPTERS, DEMO_TENANTS, SHARED_DEMO_ADAPTER
+from app.builtin_model import DEMO_ADAPTERS, SHARED_DEMO_ADAPTER
+from tests.integration.app_under_test import (
+    BASE,
+    BASE_URL,
+    KEYS,
+    MAX_MODEL_LEN,
+    MESSAGES,
+    OWN_ADAPTER,
+    assert_openai_error,
+    chat_body,
+    client,
+    post,
+)
 
 pytestmark = pytest.mark.engine
-
-PORT = 8765
-BASE_URL = f"http://127.0.0.1:{PORT}"
-KEYS = {t.name: t.api_key for t in DEMO_TENANTS}
-OWN_ADAPTER = {t.name: t.adapter for t in DEMO_TENANTS}
-BASE = BUILTIN_MODEL_NAME
-MAX_MODEL_LEN = 256
-MESSAGES = [{"role": "user", "content": "Where is my order?"}]
-
-
-def app_args() -> dict:
-    import yaml
-
-    demo = yaml.safe_load((Path(__file__).resolve().parents[2] / "tenants.demo.yaml").read_text())
-    return {
-        "engine": {
-            "model": "builtin",
-            "served_model_name": BASE,
-            "dtype": "float32",
-            "max_loras": 2,
-            "max_cpu_loras": 3,  # 5 adapters: more than slots and CPU cache
-            "max_lora_rank": 16,
-            "max_model_len": MAX_MODEL_LEN,
-            "max_num_seqs": 16,
-            "enforce_eager": True,
-        },
-        "deployment": {
-            "num_replicas": 2,
-            "max_ongoing_requests": 6,
-            "max_queued_requests": 16,
-            "ray_actor_options": {"num_cpus": 1},
-        },
-        "routing": {"imbalance_threshold": 2, "stats_period_s": 0.5},
-        "tenants": demo["tenants"],
-        "adapters": demo["adapters"],
-    }
-
-
-@pytest.fixture(scope="module")
-def server(builtin):
-    import ray
-    from ray import serve
-
-    from app.main import build_app
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(app_args()), name="moelora", route_prefix="/")
-    yield BASE_URL
-    serve.shutdown()
-    ray.shutdown()
-
-
-def client(tenant: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{BASE_URL}/v1", api_key=KEYS[tenant], max_retries=0)
 
 
 def chat_text(tenant: str, model: str, max_tokens: int = 16) -> str:
@@ -88,17 +44,6 @@ def chat_text(tenant: str, model: str, max_tokens: int = 16) -> str:
         extra_body={"ignore_eos": True},
     )
     return out.choices[0].message.content
-
-
-def post(path: str, body, key: str | None = KEYS["acme"], headers=None) -> httpx.Response:
-    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-    if not isinstance(body, (str, bytes)):
-        body = json.dumps(body)
-    return httpx.post(f"{BASE_URL}{path}", content=body, headers=headers, timeout=60)
-
-
-def chat_body(**overrides) -> dict:
-    return {"model": BASE, "messages": MESSAGES, "max_tokens": 4, **overrides}
 
 
 # ---- the API ---------------------------------------------------------------------------------
@@ -165,15 +110,6 @@ def test_tenants_concurrently_each_get_their_own_adapter(server):
 # ---- errors ----------------------------------------------------------------------------------
 
 
-def assert_openai_error(resp: httpx.Response, status: int, err_type: str | None = None):
-    assert resp.status_code == status, resp.text
-    err = resp.json()["error"]
-    assert err["code"] == status and err["message"]
-    if err_type:
-        assert err["type"] == err_type
-    return err
-
-
 @pytest.mark.parametrize("key", [None, "sk-wrong", ""])
 def test_missing_or_bad_key_is_401(server, key):
     resp = post("/v1/chat/completions", chat_body(), key=key)
@@ -235,6 +171,13 @@ def test_foreign_adapter_is_answered_exactly_like_an_unknown_model(server):
 )
 def test_invalid_bodies_are_400(server, body):
     assert_openai_error(post("/v1/chat/completions", body), 400)
+
+
+def test_readiness_names_the_deployments_once_an_engine_runs(server):
+    resp = httpx.get(f"{BASE_URL}/ready")
+    assert resp.status_code == 200 and resp.json()["ready"] is True
+    deployments = resp.json()["deployments"]
+    assert deployments["Engine"]["replicas"]["RUNNING"] == 2 and "Ingress" in deployments
 
 
 def test_bad_requests_do_not_hurt_the_replicas(server):

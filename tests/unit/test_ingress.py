@@ -50,13 +50,15 @@ class ScriptedEngine:
     def __init__(self, items):
         self.items = items
         self.calls = []
+        self.requests = []
 
     def call(self, endpoint, request, adapter):
         self.calls.append((endpoint, request.model, adapter))
+        self.requests.append(request)
         return ScriptedReplies(self.items)
 
 
-def make_client(items) -> tuple[TestClient, ScriptedEngine]:
+def make_client(items, readiness=None) -> tuple[TestClient, ScriptedEngine]:
     cfg = AppConfig.from_args(
         {
             "tenants": [{"name": ACME.name, "api_key_sha256": [hash_api_key(ACME.api_key)]}],
@@ -64,7 +66,8 @@ def make_client(items) -> tuple[TestClient, ScriptedEngine]:
         }
     )
     engine = ScriptedEngine(items)
-    api = build_api(engine, TenantDirectory(cfg.tenants), AdapterCatalog("base", cfg.adapters), 2)
+    catalog = AdapterCatalog("base", cfg.adapters)
+    api = build_api(engine, TenantDirectory(cfg.tenants), catalog, 2, readiness=readiness)
     return TestClient(api, raise_server_exceptions=False), engine
 
 
@@ -168,3 +171,34 @@ def test_unknown_model_names_are_echoed_safely(model):
     raw = json.dumps({**CHAT, "model": model})  # ensure_ascii: the surrogate travels as \\ud800
     err = assert_openai_error(client.post("/v1/chat/completions", content=raw, headers=AUTH), 404)
     assert len(err["message"]) < 200 and err["param"] == "model"
+
+
+def test_the_server_sets_the_prefix_cache_salt_per_tenant():
+    client, engine = make_client([ReplyHead("r1", ReplyKind.JSON, body=b"{}")])
+    client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    client.post("/v1/chat/completions", json={**CHAT, "cache_salt": "other:"}, headers=AUTH)
+    first, second = (r.cache_salt for r in engine.requests)
+    assert first.startswith(f"{ACME.name}:") and second.startswith(f"{ACME.name}:")
+    assert first != second  # the client's salt narrows within the tenant, nothing more
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"priority": -10}, "priority"), ({"vllm_xargs": {}}, "vllm_xargs"), ({"n": 99}, "n")],
+)
+def test_fields_only_the_server_may_set_and_limits_are_refused_by_name(extra, param):
+    client, engine = make_client([])
+    resp = client.post("/v1/chat/completions", json={**CHAT, **extra}, headers=AUTH)
+    assert assert_openai_error(resp, 400)["param"] == param
+    assert engine.requests == []
+
+
+def test_readiness_is_503_with_retry_after_until_an_engine_runs():
+    async def not_ready():
+        return False, {"Engine": {"status": "UPDATING", "replicas": {"STARTING": 1}}}
+
+    client, _ = make_client([], readiness=not_ready)
+    resp = client.get("/ready")
+    assert resp.status_code == 503 and resp.headers["retry-after"] == "2"
+    assert resp.json()["deployments"]["Engine"]["status"] == "UPDATING"
+    assert client.get("/health").status_code == 200  # alive all the same

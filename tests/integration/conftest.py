@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.app_under_test import BASE_URL, PORT, app_args
+
+
+@pytest.fixture(scope="package")
+def server(builtin):
+    """The app, started once for every integration test module."""
+    import ray
+    from ray import serve
+
+    from app.main import build_app
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.run(build_app(app_args()), name="moelora", route_prefix="/")
+    yield BASE_URL
+    serve.shutdown()
+    ray.shutdown()

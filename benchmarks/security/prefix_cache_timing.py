@@ -3,11 +3,11 @@
     .venv/bin/python -m benchmarks.security.prefix_cache_timing --url http://127.0.0.1:8000 \
         [--model builtin-moe] [--trials 20]
 
-Each trial: the victim (tenant globex) sends a fresh ~700-token prompt P. The attacker (tenant
-acme) then sends P and a fresh prompt Q of the same length, in random order, and times the
-first token of each. If P is served from the victim's cached KV blocks it comes back faster:
-the attacker "wins" a trial when TTFT(P) < TTFT(Q). Without isolation the attacker wins every
-trial; with per-tenant cache salts, wins are at chance level (about half).
+Each trial: the victim (tenant globex) sends a fresh ~700-token prompt P (400 words). The
+attacker (tenant acme) then sends P and a fresh prompt Q of the same length, in random order,
+and times the first token of each. If P is served from the victim's cached KV blocks it comes
+back faster: the attacker "wins" a trial when TTFT(P) < TTFT(Q). Without isolation the attacker
+wins every trial; with per-tenant cache salts, wins are at chance level (about half).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=BUILTIN_MODEL_NAME)
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--words", type=int, default=700)
+    parser.add_argument("--words", type=int, default=400)  # ~700 tokens
     args = parser.parse_args()
     attacker, victim = DEMO_TENANTS[0], DEMO_TENANTS[1]
     rng = random.Random(0)

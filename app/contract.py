@@ -2,7 +2,9 @@
 
 One engine method per OpenAI endpoint (`chat`, `completion`), each an async generator:
 
-    ReplyHead                      always first: which replica answers, and how
+    Accepted                       always first, as soon as a replica takes the request: which
+                                   replica (the ingress bounds the wait for it)
+    ReplyHead                      then: how it answers
     str, str, ...                  only when head.kind is STREAM: vLLM's SSE text, one or more
                                    whole `data: ...\\n\\n` events per item (coalesced when the
                                    consumer is behind, never split)
@@ -34,8 +36,15 @@ class ReplyKind(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class ReplyHead:
+class Accepted:
+    """A replica took the request (sent before any work, so the wait for it measures queueing
+    and routing only, never generation)."""
+
     replica_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHead:
     kind: ReplyKind
     status: int = 200
     body: bytes = b""  # JSON, for kind JSON and ERROR
@@ -52,7 +61,7 @@ class ReplyTail:
     completion_tokens: int | None = None
 
 
-ReplyItem = ReplyHead | str | ReplyTail
+ReplyItem = Accepted | ReplyHead | str | ReplyTail
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,15 @@ from typing import Any
 from ray import serve
 
 from app.config import EngineConfig
-from app.contract import AutoscalingStat, ReplyHead, ReplyItem, ReplyKind, ReplyTail, RoutingStats
+from app.contract import (
+    Accepted,
+    AutoscalingStat,
+    ReplyHead,
+    ReplyItem,
+    ReplyKind,
+    ReplyTail,
+    RoutingStats,
+)
 from app.logs import get_logger
 from app.model_files import resolve_adapter_path, resolve_model_path
 from app.replica_env import reset_niceness
@@ -235,6 +243,7 @@ class VLLMEngine:
     ) -> AsyncIterator[ReplyItem]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+        yield Accepted(self.replica_id)
         error = await self.ensure_adapter(adapter)
         if error is not None:
             yield self._error_head(error)
@@ -248,7 +257,7 @@ class VLLMEngine:
         if isinstance(result, ErrorResponse):
             yield self._error_head(result)
         elif hasattr(result, "__aiter__"):
-            yield ReplyHead(self.replica_id, ReplyKind.STREAM)
+            yield ReplyHead(ReplyKind.STREAM)
             async for chunk in coalesce(result):
                 yield chunk
             usage = getattr(raw_request.state, "request_metadata", None)
@@ -259,7 +268,6 @@ class VLLMEngine:
         else:
             usage = result.usage
             yield ReplyHead(
-                self.replica_id,
                 ReplyKind.JSON,
                 body=result.model_dump_json().encode(),
                 prompt_tokens=usage.prompt_tokens if usage else None,
@@ -267,9 +275,7 @@ class VLLMEngine:
             )
 
     def _error_head(self, error) -> ReplyHead:
-        return ReplyHead(
-            self.replica_id, ReplyKind.ERROR, error.error.code, error.model_dump_json().encode()
-        )
+        return ReplyHead(ReplyKind.ERROR, error.error.code, error.model_dump_json().encode())
 
     async def routing_stats(self) -> RoutingStats:
         load = self.load

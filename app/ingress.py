@@ -31,7 +31,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from app.adapters import AdapterCatalog, ModelNotFound
-from app.contract import ReplyHead, ReplyItem, ReplyKind, ReplyTail
+from app.contract import Accepted, ReplyHead, ReplyItem, ReplyKind, ReplyTail
 from app.logs import get_logger
 from app.openai_errors import (
     bad_request,
@@ -169,8 +169,8 @@ async def serve_readiness(engine_deployment: str = "Engine") -> tuple[bool, dict
         return False, {}
     deployments = {
         name: {
-            "status": str(d.status),
-            "replicas": {str(k): v for k, v in d.replica_states.items()},
+            "status": str(getattr(d.status, "value", d.status)),
+            "replicas": {str(getattr(k, "value", k)): v for k, v in d.replica_states.items()},
         }
         for name, d in app.deployments.items()
     }
@@ -270,13 +270,27 @@ def build_api(
 
         replies = engine.call(endpoint, request, adapter)
         try:
+            accepted: Accepted = await asyncio.wait_for(
+                replies.__anext__(), timeout=limits.accept_timeout_s
+            )
+            record.replica = accepted.replica_id
             head: ReplyHead = await replies.__anext__()
         except (BackPressureError, DeploymentUnavailableError) as exc:
             # Rejected before reaching a replica: nothing to cancel.
             logger.warning("no engine replica can take the request: %s", type(exc).__name__)
             return service_unavailable(retry_after_s)
-        record.replica = head.replica_id
-        headers = {SERVED_BY_HEADER: head.replica_id}
+        except TimeoutError:
+            replies.cancel()
+            logger.warning("no engine replica took request %s in time", record.request_id)
+            return service_unavailable(retry_after_s)
+        except asyncio.CancelledError:  # the client went away while waiting
+            replies.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - e.g. the replica died: the client may retry
+            replies.cancel()
+            logger.exception("engine failed before answering %s", record.request_id)
+            return service_unavailable(retry_after_s)
+        headers = {SERVED_BY_HEADER: accepted.replica_id}
         if head.kind is ReplyKind.STREAM:
             return StreamingResponse(
                 relay(replies, record), media_type="text/event-stream", headers=headers

@@ -75,7 +75,7 @@ def model_not_found(model: object) -> JSONResponse:
 def service_unavailable(retry_after_s: int) -> JSONResponse:
     return error_response(
         HTTPStatus.SERVICE_UNAVAILABLE,
-        "The server is at capacity. Retry after a short wait.",
+        "No engine can take the request now. Retry after a short wait.",
         headers={"Retry-After": str(retry_after_s)},
     )
 

@@ -43,6 +43,9 @@ class RequestLimits(BaseModel):
 
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     body_timeout_s: float = Field(default=30.0, gt=0, description="time to receive the body")
+    # How long a request may wait for an engine replica to take it (queued behind others, or no
+    # replica running yet, or its replica just died) before it gets a 503 + Retry-After.
+    accept_timeout_s: float = Field(default=30.0, gt=0)
     max_n: int = Field(default=8, ge=1)
     max_stop: int = Field(default=16, ge=0, description="stop strings and stop_token_ids, each")
     max_logit_bias: int = Field(default=300, ge=0)

@@ -34,7 +34,7 @@ def main() -> None:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     from app.builtin_model import DEMO_TENANTS
-    from app.contract import ReplyHead, ReplyKind
+    from app.contract import Accepted, ReplyHead, ReplyKind
     from app.main import build_app
 
     root = Path(__file__).resolve().parents[1]
@@ -66,7 +66,8 @@ def main() -> None:
     def via_handle():
         request = ChatCompletionRequest.model_validate(body)
         items = list(engine.chat.remote(request))
-        assert isinstance(items[0], ReplyHead) and items[0].kind is ReplyKind.JSON, items
+        assert isinstance(items[0], Accepted), items
+        assert isinstance(items[1], ReplyHead) and items[1].kind is ReplyKind.JSON, items
 
     timings = {}
     for name, fn in [("ingress (HTTP)", via_router), ("engine handle", via_handle)]:

@@ -177,7 +177,8 @@ def test_readiness_names_the_deployments_once_an_engine_runs(server):
     resp = httpx.get(f"{BASE_URL}/ready")
     assert resp.status_code == 200 and resp.json()["ready"] is True
     deployments = resp.json()["deployments"]
-    assert deployments["Engine"]["replicas"]["RUNNING"] == 2 and "Ingress" in deployments
+    assert deployments["Engine"] == {"status": "HEALTHY", "replicas": {"RUNNING": 2}}
+    assert deployments["Ingress"]["status"] == "HEALTHY"
 
 
 def test_bad_requests_do_not_hurt_the_replicas(server):

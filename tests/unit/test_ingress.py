@@ -5,8 +5,10 @@ is covered by tests/integration/test_server.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,8 +16,9 @@ from fastapi.testclient import TestClient
 from app.adapters import AdapterCatalog
 from app.builtin_model import DEMO_TENANTS
 from app.config import AppConfig
-from app.contract import ReplyHead, ReplyKind, ReplyTail
+from app.contract import Accepted, ReplyHead, ReplyKind, ReplyTail
 from app.ingress import build_api
+from app.request_policy import RequestLimits
 from app.tenants import TenantDirectory, hash_api_key
 
 ACCESS_LOGGER = "ray.serve.moelora.access"
@@ -24,8 +27,12 @@ AUTH = {"Authorization": f"Bearer {ACME.api_key}"}
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
+HANG = object()  # a replica that never answers
+
+
 class ScriptedReplies:
-    """Plays a list of reply items; an Exception in the list is raised at that point."""
+    """Plays a list of reply items; an Exception in the list is raised at that point, HANG
+    waits forever."""
 
     def __init__(self, items):
         self.items = list(items)
@@ -38,6 +45,8 @@ class ScriptedReplies:
         if not self.items:
             raise StopAsyncIteration
         item = self.items.pop(0)
+        if item is HANG:
+            await asyncio.sleep(3600)
         if isinstance(item, Exception):
             raise item
         return item
@@ -47,27 +56,35 @@ class ScriptedReplies:
 
 
 class ScriptedEngine:
-    def __init__(self, items):
+    def __init__(self, items, call_raises: Exception | None = None):
         self.items = items
+        self.call_raises = call_raises
         self.calls = []
         self.requests = []
+        self.replies: list[ScriptedReplies] = []
 
     def call(self, endpoint, request, adapter):
+        if self.call_raises is not None:
+            raise self.call_raises
         self.calls.append((endpoint, request.model, adapter))
         self.requests.append(request)
-        return ScriptedReplies(self.items)
+        self.replies.append(ScriptedReplies(self.items))
+        return self.replies[-1]
 
 
-def make_client(items, readiness=None) -> tuple[TestClient, ScriptedEngine]:
+def make_client(
+    items, readiness=None, call_raises=None, limits=None
+) -> tuple[TestClient, ScriptedEngine]:
     cfg = AppConfig.from_args(
         {
             "tenants": [{"name": ACME.name, "api_key_sha256": [hash_api_key(ACME.api_key)]}],
             "adapters": [{"name": ACME.adapter, "path": "/unused", "owner": ACME.name}],
         }
     )
-    engine = ScriptedEngine(items)
+    engine = ScriptedEngine(items, call_raises)
     catalog = AdapterCatalog("base", cfg.adapters)
-    api = build_api(engine, TenantDirectory(cfg.tenants), catalog, 2, readiness=readiness)
+    tenants = TenantDirectory(cfg.tenants)
+    api = build_api(engine, tenants, catalog, 2, limits=limits, readiness=readiness)
     return TestClient(api, raise_server_exceptions=False), engine
 
 
@@ -80,7 +97,7 @@ def assert_openai_error(resp, status: int) -> dict:
 
 
 def test_an_unexpected_exception_is_an_openai_500_naming_the_request_id():
-    client, _ = make_client([RuntimeError("boom: secret internals")])
+    client, _ = make_client([], call_raises=RuntimeError("boom: secret internals"))
     resp = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
     err = assert_openai_error(resp, 500)
     request_id = resp.headers["x-request-id"]
@@ -103,7 +120,7 @@ def test_request_id_is_generated_when_none_comes_in():
     ("sent", "kept"), [("req-42.a:b", True), ("x" * 129, False), ("a b", False)]
 )
 def test_only_a_well_formed_incoming_request_id_is_used(sent, kept):
-    client, _ = make_client([RuntimeError("boom")])
+    client, _ = make_client([], call_raises=RuntimeError("boom"))
     resp = client.post("/v1/chat/completions", json=CHAT, headers={**AUTH, "x-request-id": sent})
     assert (sent in resp.json()["error"]["message"]) is kept
 
@@ -111,7 +128,7 @@ def test_only_a_well_formed_incoming_request_id_is_used(sent, kept):
 def test_json_reply_passes_through_and_is_logged_once_without_secrets(caplog):
     body = b'{"id": "x", "object": "chat.completion", "choices": []}'
     client, engine = make_client(
-        [ReplyHead("r1", ReplyKind.JSON, body=body, prompt_tokens=5, completion_tokens=2)]
+        [Accepted("r1"), ReplyHead(ReplyKind.JSON, body=body, prompt_tokens=5, completion_tokens=2)]
     )
     secret_prompt = {
         **CHAT,
@@ -134,15 +151,15 @@ def test_json_reply_passes_through_and_is_logged_once_without_secrets(caplog):
 
 
 def test_stream_token_counts_reach_the_log_and_an_engine_failure_ends_with_an_error_event(caplog):
-    head = ReplyHead("r1", ReplyKind.STREAM)
-    client, _ = make_client([head, "data: {}\n\n", ReplyTail(3, 1), "data: [DONE]\n\n"])
+    head = [Accepted("r1"), ReplyHead(ReplyKind.STREAM)]
+    client, _ = make_client([*head, "data: {}\n\n", ReplyTail(3, 1), "data: [DONE]\n\n"])
     with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
         resp = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
     assert resp.text == "data: {}\n\ndata: [DONE]\n\n"
     record = json.loads([r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER][0])
     assert (record["stream"], record["completion_tokens"]) == (True, 1)
 
-    client, _ = make_client([head, "data: {}\n\n", ConnectionError("replica died")])
+    client, _ = make_client([*head, "data: {}\n\n", ConnectionError("replica died")])
     resp = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
     events = [e for e in resp.text.split("\n\n") if e]
     assert events[0] == "data: {}" and events[-1] == "data: [DONE]"
@@ -174,7 +191,7 @@ def test_unknown_model_names_are_echoed_safely(model):
 
 
 def test_the_server_sets_the_prefix_cache_salt_per_tenant():
-    client, engine = make_client([ReplyHead("r1", ReplyKind.JSON, body=b"{}")])
+    client, engine = make_client([Accepted("r1"), ReplyHead(ReplyKind.JSON, body=b"{}")])
     client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
     client.post("/v1/chat/completions", json={**CHAT, "cache_salt": "other:"}, headers=AUTH)
     first, second = (r.cache_salt for r in engine.requests)
@@ -202,3 +219,18 @@ def test_readiness_is_503_with_retry_after_until_an_engine_runs():
     assert resp.status_code == 503 and resp.headers["retry-after"] == "2"
     assert resp.json()["deployments"]["Engine"]["status"] == "UPDATING"
     assert client.get("/health").status_code == 200  # alive all the same
+
+
+def test_no_replica_taking_the_request_is_a_503_within_the_bound():
+    client, engine = make_client([HANG], limits=RequestLimits(accept_timeout_s=0.3))
+    t0 = time.monotonic()
+    resp = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert assert_openai_error(resp, 503) and int(resp.headers["retry-after"]) >= 1
+    assert time.monotonic() - t0 < 3 and engine.replies[0].cancelled
+
+
+def test_an_engine_failing_before_it_answers_is_a_503_to_retry():
+    client, engine = make_client([Accepted("r1"), ConnectionError("actor died")])
+    resp = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert_openai_error(resp, 503)
+    assert resp.headers["retry-after"] == "2" and engine.replies[0].cancelled

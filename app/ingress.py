@@ -36,6 +36,7 @@ from app.logs import get_logger
 from app.openai_errors import (
     bad_request,
     echo,
+    error_body,
     error_response,
     install_handlers,
     model_not_found,
@@ -80,7 +81,9 @@ class EngineClient:
 
     def _configured(self, adapter: str):
         handle = self._by_adapter.get(adapter)
-        if handle is None:
+        if handle is not None:
+            self._by_adapter.move_to_end(adapter)
+        else:
             handle = self._handle.options(stream=True, multiplexed_model_id=adapter)
             self._by_adapter[adapter] = handle
             if len(self._by_adapter) > self.MAX_CACHED_HANDLES:
@@ -100,9 +103,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 
 def _stream_error_event(message: str) -> str:
-    body = {
-        "error": {"message": message, "type": "ServiceUnavailableError", "param": None, "code": 503}
-    }
+    body = error_body(HTTPStatus.SERVICE_UNAVAILABLE, message)
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
 

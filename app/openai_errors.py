@@ -41,16 +41,20 @@ def echo(text: object) -> str:
     return s + "…" if len(str(text)) > MAX_ECHO_CHARS else s
 
 
+def error_body(status: HTTPStatus, message: str, param: str | None = None) -> dict:
+    err_type = _TYPE_BY_STATUS.get(status, "Error")
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status.value}}
+
+
 def error_response(
     status: HTTPStatus,
     message: str,
     param: str | None = None,
     headers: dict[str, str] | None = None,
-    err_type: str | None = None,
 ) -> JSONResponse:
-    err_type = err_type or _TYPE_BY_STATUS.get(status, "Error")
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status.value}}
-    return JSONResponse(body, status_code=status.value, headers=headers)
+    return JSONResponse(
+        error_body(status, message, param), status_code=status.value, headers=headers
+    )
 
 
 def bad_request(message: str, param: str | None = None) -> JSONResponse:

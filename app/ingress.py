@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
@@ -33,6 +34,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from app.adapters import AdapterCatalog, ModelNotFound
 from app.contract import Accepted, ReplyHead, ReplyItem, ReplyKind, ReplyTail
 from app.logs import get_logger
+from app.metrics import RequestMetrics
 from app.openai_errors import (
     bad_request,
     echo,
@@ -115,6 +117,8 @@ async def relay(replies: Replies, record: RequestRecord) -> AsyncIterator[str]:
     try:
         async for item in replies:
             if isinstance(item, str):
+                if record.ttft_ms is None:
+                    record.ttft_ms = round((time.perf_counter() - record.started) * 1000, 2)
                 yield item
             elif isinstance(item, ReplyTail):
                 record.prompt_tokens = item.prompt_tokens
@@ -187,6 +191,7 @@ def build_api(
     retry_after_s: int,
     limits: RequestLimits | None = None,
     readiness: Readiness | None = None,
+    on_request_done: Callable[[RequestRecord], None] | None = None,
 ) -> FastAPI:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -198,7 +203,7 @@ def build_api(
     # No public schema or docs pages: the API is OpenAI's, documented there and in the README.
     api = FastAPI(title="moelora-serve", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(api)
-    api.add_middleware(AccessLogMiddleware)
+    api.add_middleware(AccessLogMiddleware, on_done=on_request_done)
 
     def tenant_of(request: Request):
         # Two Authorization headers are refused, not resolved: which one a proxy in front
@@ -327,8 +332,15 @@ class Ingress:
         limits: RequestLimits,
     ):
         reset_niceness()
+        metrics = RequestMetrics()
         self._api = build_api(
-            EngineClient(engine), tenants, catalog, retry_after_s, limits, serve_readiness
+            EngineClient(engine),
+            tenants,
+            catalog,
+            retry_after_s,
+            limits,
+            serve_readiness,
+            metrics.observe,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

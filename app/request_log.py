@@ -19,7 +19,8 @@ import json
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,7 +47,9 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_ms: float = 0.0
+    ttft_ms: float | None = None  # streams: time to the first chunk sent
     rejected_client_request_id: bool = False
+    started: float = field(default_factory=time.perf_counter, repr=False)
 
 
 def incoming_request_id(scope: Scope) -> str | None:
@@ -57,8 +60,9 @@ def incoming_request_id(scope: Scope) -> str | None:
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, on_done: Callable[[RequestRecord], None] | None = None):
         self.app = app
+        self.on_done = on_done  # e.g. app.metrics.RequestMetrics.observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +76,6 @@ class AccessLogMiddleware:
         state = scope.setdefault("state", {})
         state["request_id"] = record.request_id
         state["record"] = record
-        t0 = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -89,5 +92,9 @@ class AccessLogMiddleware:
                 raise
             await internal_error(record.request_id)(scope, receive, send_with_id)
         finally:
-            record.latency_ms = round((time.perf_counter() - t0) * 1000, 2)
-            logger.info(json.dumps({"event": "request", **asdict(record)}))
+            record.latency_ms = round((time.perf_counter() - record.started) * 1000, 2)
+            fields = asdict(record)
+            fields.pop("started")
+            logger.info(json.dumps({"event": "request", **fields}))
+            if self.on_done is not None:
+                self.on_done(record)

@@ -14,6 +14,7 @@ import yaml
 from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_TENANTS
 
 PORT = 8765
+METRICS_PORT = 8766  # Ray's metrics export
 BASE_URL = f"http://127.0.0.1:{PORT}"
 KEYS = {t.name: t.api_key for t in DEMO_TENANTS}
 OWN_ADAPTER = {t.name: t.adapter for t in DEMO_TENANTS}

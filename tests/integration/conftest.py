@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.app_under_test import BASE_URL, PORT, app_args
+from tests.integration.app_under_test import BASE_URL, METRICS_PORT, PORT, app_args
 
 
 @pytest.fixture(scope="package")
@@ -13,7 +13,9 @@ def server(builtin):
 
     from app.main import build_app
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(build_app(app_args()), name="moelora", route_prefix="/")
     yield BASE_URL

@@ -1,0 +1,78 @@
+"""Per-tenant metrics of the ingress, read from Ray's real metrics export (Prometheus text)."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.integration.app_under_test import (
+    BASE_URL,
+    KEYS,
+    METRICS_PORT,
+    OWN_ADAPTER,
+    chat_body,
+    post,
+)
+
+pytestmark = pytest.mark.engine
+
+
+def scrape_until(pattern: str, timeout_s: float = 60) -> str:
+    """Ray exports on an interval (~10 s): poll until a sample matching `pattern` is there."""
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        if re.search(pattern, text, re.MULTILINE):
+            return text
+        time.sleep(2)
+    raise AssertionError(f"no sample matching {pattern!r} in:\n{text[-3000:]}")
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found, f"{name} {labels} not exported"
+    return total
+
+
+def test_requests_tokens_and_latency_are_exported_per_tenant_and_adapter(server):
+    adapter = OWN_ADAPTER["umbrella"]
+    for _ in range(3):
+        assert post(
+            "/v1/chat/completions", chat_body(model=adapter), key=KEYS["umbrella"]
+        ).is_success
+    stream = chat_body(model=adapter, stream=True, max_tokens=5, ignore_eos=True)
+    with httpx.stream(
+        "POST",
+        f"{BASE_URL}/v1/chat/completions",
+        json=stream,
+        headers={"Authorization": f"Bearer {KEYS['umbrella']}"},
+    ) as resp:
+        assert resp.status_code == 200 and list(resp.iter_lines())
+    assert post("/v1/chat/completions", chat_body(model="nosuch-xyz")).status_code == 404
+    assert post("/v1/chat/completions", chat_body(), key="sk-wrong").status_code == 401
+
+    text = scrape_until(
+        r'^ray_moelora_time_to_first_token_seconds_count\{.*tenant="umbrella"', timeout_s=90
+    )
+    ok = {"tenant": "umbrella", "model": adapter, "status": "200"}
+    assert sample(text, "ray_moelora_requests_total", **ok) >= 4
+    tokens = {"tenant": "umbrella", "model": adapter}
+    assert sample(text, "ray_moelora_completion_tokens_total", **tokens) >= 3 * 4 + 5
+    assert sample(text, "ray_moelora_prompt_tokens_total", **tokens) > 0
+    assert sample(text, "ray_moelora_request_duration_seconds_count", **tokens) >= 4
+    assert sample(text, "ray_moelora_time_to_first_token_seconds_count", **tokens) >= 1
+    # Unknown names and failed authentication are counted, never as a client-chosen label.
+    assert sample(text, "ray_moelora_requests_total", tenant="acme", model="-", status="404") >= 1
+    assert sample(text, "ray_moelora_requests_total", tenant="unauthenticated", status="401") >= 1
+    assert "nosuch-xyz" not in text and "sk-wrong" not in text

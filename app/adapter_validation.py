@@ -435,6 +435,12 @@ def _check_tensors(header, targets: LoraTargets, rank: int, patterns, excluded):
                 raise AdapterRejected(
                     f"{WEIGHTS_FILE}: module {module!r} has {side} but no {other}"
                 )
+        fused = targets.fused_expert_of(module)
+        if module not in targets.shapes and fused is None:
+            raise AdapterRejected(
+                f"{WEIGHTS_FILE}: module {module!r} does not exist in the base model "
+                "(or is not a LoRA-able linear module)"
+            )
         if not _matches(module, patterns) or _matches(module, excluded):
             raise AdapterRejected(
                 f"{WEIGHTS_FILE}: module {module!r} is not matched by "
@@ -442,11 +448,11 @@ def _check_tensors(header, targets: LoraTargets, rank: int, patterns, excluded):
                 + (f" (exclude_modules {excluded!r})" if excluded else "")
             )
         a, b = pair["lora_A"], pair["lora_B"]
-        if module in targets.shapes:
+        if fused is None:
             out_features, in_features = targets.shapes[module]
             _expect_shape(module, "lora_A", a, (rank, in_features))
             _expect_shape(module, "lora_B", b, (out_features, rank))
-        elif fused := targets.fused_expert_of(module):
+        else:
             experts, index, projection = fused
             if index >= targets.fused_experts[experts]:
                 raise AdapterRejected(
@@ -465,11 +471,6 @@ def _check_tensors(header, targets: LoraTargets, rank: int, patterns, excluded):
                     f"from {first[2]!r}'s {first[0]}/{first[1]}"
                 )
             unchecked.add(module)
-        else:
-            raise AdapterRejected(
-                f"{WEIGHTS_FILE}: module {module!r} does not exist in the base model "
-                "(or is not a LoRA-able linear module)"
-            )
     return set(sides), unchecked
 
 

@@ -113,7 +113,8 @@ class AdapterStore:
             raise ValueError("max_bytes must be positive")
         self.cache_dir = Path(cache_dir)
         self.max_bytes = max_bytes
-        self.max_adapter_bytes = min(max_adapter_bytes or max_bytes, max_bytes)
+        limit = max_bytes if max_adapter_bytes is None else max_adapter_bytes
+        self.max_adapter_bytes = min(limit, max_bytes)
         self.object_store = object_store or ObjectStoreConfig()
         self._entries = self.cache_dir / "entries"
         self._tmp = self.cache_dir / "tmp"

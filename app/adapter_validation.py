@@ -2,11 +2,11 @@
 
 An adapter comes from a tenant, so its files are untrusted input to the engine: a pickled file
 could run code when unpickled, a wrong shape or a NaN corrupts every batch the adapter shares, a
-huge file exhausts memory. `validate_adapter_dir` reads only the directory listing, the JSON
-config, the safetensors header (sizes are checked before any tensor byte is read) and finally the
-tensor bytes themselves (for finiteness, through a memory map). It never unpickles or even opens
-a pickled file, never writes anything, and rejects with `AdapterRejected`, whose message names the
-file, tensor or field and what was expected.
+huge file exhausts memory. `validate_adapter_dir` reads the directory listing (sizes are checked
+there, before any file is opened), the JSON config, the safetensors header (names, dtypes,
+shapes) and only then the tensor bytes themselves (for finiteness, through a memory map). It
+never unpickles or even opens a pickled file, never writes anything, and rejects with
+`AdapterRejected`, whose message names the file, tensor or field and what was expected.
 
 `LoraTargets.from_model_dir` describes what an adapter may adapt: every 2-D `<module>.weight` of
 the base checkpoint, read from safetensors headers only. Which of those modules the engine can
@@ -40,6 +40,10 @@ PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # object key or in a log line.
 SAFE_FILE_NAME = re.compile(r"(?!\.\.?$)[A-Za-z0-9._+-]{1,255}")
 MAX_CONFIG_BYTES = 1 << 20
+# A target_modules regex comes from the tenant and runs here: short, and no quantified group
+# that itself holds a quantifier (the shape of catastrophic backtracking, e.g. `(a+)+`).
+MAX_REGEX_CHARS = 512
+NESTED_QUANTIFIER = re.compile(r"\([^()]*[*+}][^()]*\)\s*[*+{]")
 MAX_FILES = 1000
 TENSOR_NAME = re.compile(
     r"base_model\.model\.(?P<module>[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)\.(?P<side>lora_A|lora_B)\.weight"
@@ -115,7 +119,7 @@ class LoraTargets:
         fused: dict[str, int] = {}
         for shard in _checkpoint_files(Path(model_dir)):
             with safe_open(str(shard), framework="numpy") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                for name in f.keys():
                     shape = tuple(f.get_slice(name).get_shape())
                     if len(shape) == 2 and name.endswith(".weight"):
                         module = name.removesuffix(".weight")
@@ -130,11 +134,9 @@ class LoraTargets:
     def fused_expert_of(self, module: str) -> tuple[str, int, str] | None:
         """(experts path, expert index, projection) when `module` is one expert's projection
         in a fused-experts layer, else None."""
-        parts = module.split(".")
-        for i in range(len(parts) - 2, 0, -1):
-            path = ".".join(parts[:i])
-            if path in self.fused_experts and parts[i].isdigit() and len(parts) == i + 2:
-                return path, int(parts[i]), parts[i + 1]
+        parts = module.rsplit(".", 2)
+        if len(parts) == 3 and parts[0] in self.fused_experts and parts[1].isdigit():
+            return parts[0], int(parts[1]), parts[2]
         return None
 
 
@@ -194,12 +196,9 @@ def validate_adapter_dir(
             raise AdapterRejected(f"{required} is missing")
     config = _read_config(root / CONFIG_FILE)
     rank, alpha, patterns, excluded = _check_config(config, max_rank)
+    # Tensor bytes are bounded by the file sizes checked above: safetensors refuses a header
+    # whose offsets do not cover the file exactly.
     header = _read_header(root / WEIGHTS_FILE)
-    tensor_bytes = sum(end - begin for _, _, (begin, end) in header.values())
-    if tensor_bytes > max_bytes:
-        raise AdapterRejected(
-            f"{WEIGHTS_FILE}: tensors hold {tensor_bytes} bytes, more than the limit of {max_bytes}"
-        )
     modules, unchecked = _check_tensors(header, targets, rank, patterns, excluded)
     _check_finite(root / WEIGHTS_FILE, header)
     return ValidatedAdapter(
@@ -209,7 +208,7 @@ def validate_adapter_dir(
         adapted_modules=tuple(sorted(modules)),
         tensor_count=len(header),
         size_bytes=size,
-        sha256=_digest(root, sorted(names)),
+        sha256=_digest(root, files),
         use_rslora=bool(config.get("use_rslora", False)),
         shapes_unchecked=tuple(sorted(unchecked)),
     )
@@ -234,40 +233,45 @@ def _listing(root: Path) -> list[tuple[str, int]]:
     pending = [""]
     while pending:
         rel_dir = pending.pop()
-        with os.scandir(root / rel_dir) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                if not SAFE_FILE_NAME.fullmatch(entry.name):
-                    raise AdapterRejected(
-                        f"file name {rel!r}: only letters, digits and ._+- are allowed"
-                    )
-                if entry.name.lower().endswith(PICKLED_SUFFIXES):
-                    raise AdapterRejected(
-                        f"{rel}: pickled formats ({', '.join(PICKLED_SUFFIXES)}) are refused; "
-                        "use safetensors"
-                    )
-                mode = entry.stat(follow_symlinks=False).st_mode
-                if stat.S_ISLNK(mode):
-                    raise AdapterRejected(f"{rel} is a symlink; adapters must be plain files")
-                if stat.S_ISDIR(mode):
-                    pending.append(rel)
-                elif stat.S_ISREG(mode):
-                    files.append((rel, entry.stat(follow_symlinks=False).st_size))
-                else:
-                    raise AdapterRejected(f"{rel} is not a regular file")
-                if len(files) > MAX_FILES:
-                    raise AdapterRejected(f"more than {MAX_FILES} files in the adapter directory")
+        try:
+            with os.scandir(root / rel_dir) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError as e:
+            raise AdapterRejected(f"{rel_dir or root}: cannot be listed: {e.strerror}") from None
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if not SAFE_FILE_NAME.fullmatch(entry.name):
+                raise AdapterRejected(
+                    f"file name {rel!r}: only letters, digits and ._+- are allowed"
+                )
+            if entry.name.lower().endswith(PICKLED_SUFFIXES):
+                raise AdapterRejected(
+                    f"{rel}: pickled formats ({', '.join(PICKLED_SUFFIXES)}) are refused; "
+                    "use safetensors"
+                )
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISLNK(mode):
+                raise AdapterRejected(f"{rel} is a symlink; adapters must be plain files")
+            if stat.S_ISDIR(mode):
+                pending.append(rel)
+            elif stat.S_ISREG(mode):
+                files.append((rel, entry.stat(follow_symlinks=False).st_size))
+            else:
+                raise AdapterRejected(f"{rel} is not a regular file")
+            if len(files) > MAX_FILES:
+                raise AdapterRejected(f"more than {MAX_FILES} files in the adapter directory")
     return files
 
 
-def _digest(root: Path, names: Iterable[str]) -> str:
+def _digest(root: Path, files: Iterable[tuple[str, int]]) -> str:
+    """sha256 over each file's relative path, length and bytes, in sorted order: two different
+    adapters cannot share a digest by moving bytes between a name and a content."""
     h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode() + b"\0")
+    for name, size in sorted(files):
+        h.update(name.encode() + b"\0" + size.to_bytes(8, "little"))
         with open(root / name, "rb") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-        h.update(b"\0")
     return h.hexdigest()
 
 
@@ -341,6 +345,11 @@ def _module_patterns(config: dict, option: str, *, required: bool) -> list[str] 
     if value is None and not required:
         return None
     if isinstance(value, str):
+        if len(value) > MAX_REGEX_CHARS or NESTED_QUANTIFIER.search(value):
+            raise AdapterRejected(
+                f"{CONFIG_FILE}: {option}: regex {value[:80]!r} is longer than "
+                f"{MAX_REGEX_CHARS} characters or nests quantifiers; not accepted"
+            )
         try:
             re.compile(value)
         except re.error as e:

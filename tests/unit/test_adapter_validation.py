@@ -163,6 +163,8 @@ REJECTIONS: list[tuple[str, Callable[[Path], None], str]] = [
     ("target-parameters", edit_config(target_parameters=["experts.gate_up_proj"]), "target_par"),
     ("pissa-init", edit_config(init_lora_weights="pissa"), "init_lora_weights: 'pissa'"),
     ("no-target-modules", edit_config(target_modules=[]), "target_modules: expected a non-empty"),
+    ("backtracking-regex", edit_config(target_modules=r"(.*_)+proj"), "nests quantifiers"),
+    ("bad-regex", edit_config(target_modules=r".*(q_proj"), "target_modules: invalid regex"),
     # adapter_model.safetensors
     ("not-safetensors", truncate_weights, "not a valid safetensors file"),
     ("no-tensors", empty_weights, "adapter_model.safetensors holds no tensors"),

@@ -8,8 +8,16 @@ group; two pair sorters do it:
   onepass  ONE program packs (key = slot*E + expert, pair) into an int32, tl.sort's it, finds
            each pair's rank inside its key run with a segmented scan and writes the tile table
            directly. At decode sizes a launch costs more than this work.
-  count    counting sort: per-group counters (rank = atomic_add) -> one-program exclusive scan
-           that also writes the tile table -> scatter; plus the counters' zero-fill.
+  count    counting sort in two launches: (1) per-group counters, a pair's rank in its group =
+           the atomic_add's return value; (2) every program scans the counts into group
+           offsets (program 0 also writes the tile table) and scatters its pairs; the LAST
+           program to finish (a ticket, acq_rel) zeroes the counters again, after every
+           program has read them, so no zero-fill launch is needed.
+  count4   the same in four launches (zero-fill, count, one-program scan, scatter): no in-kernel
+           cross-program dependency at all; the reference the two-launch sorter is checked
+           against.
+  count_last  two launches the other way round: the last COUNTING program (ticket) scans
+           and reads-and-zeroes the counts with atomic exchanges; then the scatter.
 
 The tile table has a host-known upper bound (P / BLOCK_M + min(P, S * E)), so grids are fixed;
 programs past the device-side tile count exit at once. Order inside a group may vary, but each
@@ -25,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_util import pdl_trigger, pdl_wait
+from kernels.triton_util import pdl_trigger, pdl_wait, self_cleaning_counters
 
 # Sort key of inactive pairs in the one-pass sorter; keys are slot * E + expert < this, and
 # SENTINEL * BLOCK_P + pair must fit in int32 (BLOCK_P <= 4096).
@@ -110,41 +118,67 @@ def sort_pairs(
             **pdl,
         )
         return routing
-    counts = torch.zeros(num_groups, dtype=torch.int32, device=dev)
     key = torch.empty(p, dtype=torch.int32, device=dev)
     rank = torch.empty(p, dtype=torch.int32, device=dev)
     group_off = torch.empty(num_groups, dtype=torch.int32, device=dev)
     block = 1024
     grid = (triton.cdiv(p, block),)
+    route = dict(TOPK=top_k, E=num_experts, HAS_ENABLED=has_en, BLOCK=block)
+    table = (tile_group, tile_row0, tile_cnt, num_tiles)
+    if sorter == "count4":
+        counts = torch.zeros(num_groups, dtype=torch.int32, device=dev)
+        _count_kernel[grid](
+            topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl
+        )
+        _scan_kernel[(1,)](
+            counts, group_off, *table, num_groups, BLOCK_M=block_m, BLOCK_G=1024, num_warps=8, **pdl
+        )
+        _scatter_kernel[grid](key, rank, group_off, sorted_pairs, p, BLOCK=block, **pdl)
+        return routing
+    # [0]: ticket; [1:]: per-group counts. Zero on entry, left zero by the last program.
+    counters = self_cleaning_counters(dev, "count_sort", 1 + num_groups)
+    counts = counters[1:]
+    if sorter == "count_last":
+        _count_last_scans_kernel[grid](
+            topk_ids,
+            token_slots,
+            enabled,
+            counters,
+            key,
+            rank,
+            group_off,
+            *table,
+            p,
+            num_slots,
+            num_groups,
+            grid[0],
+            **route,
+            BLOCK_M=block_m,
+            BLOCK_G=1024,
+            **pdl,
+        )
+        _scatter_kernel[grid](key, rank, group_off, sorted_pairs, p, BLOCK=block, **pdl)
+        return routing
+    if sorter != "count":
+        raise ValueError(f"unknown pair sorter {sorter!r}")
     _count_kernel[grid](
-        topk_ids,
-        token_slots,
-        enabled,
-        counts,
+        topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl
+    )
+    _scan_scatter_kernel[grid](
+        counters,
         key,
         rank,
-        p,
-        num_slots,
-        TOPK=top_k,
-        E=num_experts,
-        HAS_ENABLED=has_en,
-        BLOCK=block,
-        **pdl,
-    )
-    _scan_kernel[(1,)](
-        counts,
         group_off,
-        tile_group,
-        tile_row0,
-        tile_cnt,
-        num_tiles,
+        sorted_pairs,
+        *table,
+        p,
         num_groups,
+        grid[0],
+        BLOCK=block,
         BLOCK_M=block_m,
         BLOCK_G=1024,
-        num_warps=8,
         **pdl,
     )
-    _scatter_kernel[grid](key, rank, group_off, sorted_pairs, p, BLOCK=block, **pdl)
     return routing
 
 
@@ -206,6 +240,41 @@ def _sort_onepass_kernel(
     tl.store(num_tiles_ptr, tl.sum(starts.to(tl.int32), axis=0))
 
 
+@triton.jit
+def _count_pairs(
+    topk_ptr,
+    slots_ptr,
+    enabled_ptr,
+    counts_ptr,
+    key_ptr,
+    rank_ptr,
+    num_pairs,
+    num_slots,
+    TOPK: tl.constexpr,
+    E: tl.constexpr,
+    HAS_ENABLED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """key[pair] = slot * E + expert (-1 inactive); rank[pair] = its position in its group."""
+    pdl_wait(PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < num_pairs
+    slot = tl.load(slots_ptr + offs // TOPK, mask=in_range, other=-1).to(tl.int32)
+    expert = tl.load(topk_ptr + offs, mask=in_range, other=-1).to(tl.int32)
+    active = in_range & (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < E)
+    if HAS_ENABLED:
+        en = tl.load(enabled_ptr + tl.where(active, slot, 0), mask=active, other=0)
+        active = active & (en != 0)
+    key = tl.where(active, slot * E + expert, -1)
+    # Rank of the pair inside its (slot, expert) group: the counter's value before our add.
+    rank = tl.atomic_add(
+        counts_ptr + tl.where(active, key, 0), 1, mask=active, sem="acq_rel", scope="gpu"
+    )
+    tl.store(key_ptr + offs, key, mask=in_range)
+    tl.store(rank_ptr + offs, tl.where(active, rank, 0), mask=in_range)
+
+
 @triton.jit(do_not_specialize=["num_pairs", "num_slots"])
 def _count_kernel(
     topk_ptr,
@@ -222,20 +291,68 @@ def _count_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < num_pairs
-    slot = tl.load(slots_ptr + offs // TOPK, mask=in_range, other=-1).to(tl.int32)
-    expert = tl.load(topk_ptr + offs, mask=in_range, other=-1).to(tl.int32)
-    active = in_range & (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < E)
-    if HAS_ENABLED:
-        en = tl.load(enabled_ptr + tl.where(active, slot, 0), mask=active, other=0)
-        active = active & (en != 0)
-    key = tl.where(active, slot * E + expert, -1)
-    # Rank of the pair inside its (slot, expert) group: the counter's value before our add.
-    rank = tl.atomic_add(counts_ptr + tl.where(active, key, 0), 1, mask=active)
-    tl.store(key_ptr + offs, key, mask=in_range)
-    tl.store(rank_ptr + offs, tl.where(active, rank, 0), mask=in_range)
+    _count_pairs(
+        topk_ptr,
+        slots_ptr,
+        enabled_ptr,
+        counts_ptr,
+        key_ptr,
+        rank_ptr,
+        num_pairs,
+        num_slots,
+        TOPK,
+        E,
+        HAS_ENABLED,
+        BLOCK,
+        PDL,
+    )
+
+
+@triton.jit
+def _scan_groups(
+    counts_ptr,
+    group_off_ptr,
+    tile_group_ptr,
+    tile_row0_ptr,
+    tile_cnt_ptr,
+    num_tiles_ptr,
+    num_groups,
+    write_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ATOMIC_READ: tl.constexpr,
+):
+    """Exclusive scan of the group counts into group offsets and (if write_tiles, 0 or 1) the
+    tile table, in BLOCK_G chunks. ATOMIC_READ: read each count with an atomic exchange that
+    also zeroes it (counts written by other programs of the same launch)."""
+    row_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
+    tile_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
+    for g0 in range(0, num_groups, BLOCK_G):
+        offs = g0 + tl.arange(0, BLOCK_G)
+        g_mask = offs < num_groups
+        if ATOMIC_READ:
+            cnt = tl.atomic_xchg(counts_ptr + offs, 0, mask=g_mask, sem="acq_rel", scope="gpu")
+            cnt = tl.where(g_mask, cnt, 0)
+        else:
+            # .cg: counts are atomics of another launch, kept in L2; never a stale L1 line.
+            cnt = tl.load(counts_ptr + offs, mask=g_mask, other=0, cache_modifier=".cg")
+        ntile = (cnt + BLOCK_M - 1) // BLOCK_M
+        row_off = row_carry + tl.cumsum(cnt, axis=0) - cnt
+        tile_off = tile_carry + tl.cumsum(ntile, axis=0) - ntile
+        tl.store(group_off_ptr + offs, row_off, mask=g_mask)
+        # Each group writes its own tiles; a group has at most max(ntile) of them.
+        # A vector comparison (a scalar one and-ed in comes out int32 in the interpreter).
+        t_mask = g_mask & ((offs * 0 + write_tiles) != 0)
+        for j in range(0, tl.max(tl.where(t_mask, ntile, 0), axis=0)):
+            sel = t_mask & (j < ntile)
+            tl.store(tile_group_ptr + tile_off + j, offs, mask=sel)
+            tl.store(tile_row0_ptr + tile_off + j, row_off + j * BLOCK_M, mask=sel)
+            cnt_j = tl.minimum(cnt - j * BLOCK_M, BLOCK_M)
+            tl.store(tile_cnt_ptr + tile_off + j, cnt_j, mask=sel)
+        row_carry += tl.sum(cnt, axis=0)
+        tile_carry += tl.sum(ntile, axis=0)
+    if write_tiles != 0:
+        tl.store(num_tiles_ptr, tile_carry)
 
 
 @triton.jit(do_not_specialize=["num_groups"])
@@ -253,26 +370,142 @@ def _scan_kernel(
 ):
     """One program: exclusive scan of the group counts and the tile table, in BLOCK_G chunks."""
     pdl_wait(PDL)
-    row_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
-    tile_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
-    for g0 in range(0, num_groups, BLOCK_G):
-        offs = g0 + tl.arange(0, BLOCK_G)
-        g_mask = offs < num_groups
-        cnt = tl.load(counts_ptr + offs, mask=g_mask, other=0)
-        ntile = (cnt + BLOCK_M - 1) // BLOCK_M
-        row_off = row_carry + tl.cumsum(cnt, axis=0) - cnt
-        tile_off = tile_carry + tl.cumsum(ntile, axis=0) - ntile
-        tl.store(group_off_ptr + offs, row_off, mask=g_mask)
-        # Each group writes its own tiles; a group has at most max(ntile) of them.
-        for j in range(0, tl.max(ntile, axis=0)):
-            sel = g_mask & (j < ntile)
-            tl.store(tile_group_ptr + tile_off + j, offs, mask=sel)
-            tl.store(tile_row0_ptr + tile_off + j, row_off + j * BLOCK_M, mask=sel)
-            cnt_j = tl.minimum(cnt - j * BLOCK_M, BLOCK_M)
-            tl.store(tile_cnt_ptr + tile_off + j, cnt_j, mask=sel)
-        row_carry += tl.sum(cnt, axis=0)
-        tile_carry += tl.sum(ntile, axis=0)
-    tl.store(num_tiles_ptr, tile_carry)
+    _scan_groups(
+        counts_ptr,
+        group_off_ptr,
+        tile_group_ptr,
+        tile_row0_ptr,
+        tile_cnt_ptr,
+        num_tiles_ptr,
+        num_groups,
+        1,
+        BLOCK_M,
+        BLOCK_G,
+        False,
+    )
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_slots", "num_groups", "num_programs"])
+def _count_last_scans_kernel(
+    topk_ptr,
+    slots_ptr,
+    enabled_ptr,
+    counters_ptr,
+    key_ptr,
+    rank_ptr,
+    group_off_ptr,
+    tile_group_ptr,
+    tile_row0_ptr,
+    tile_cnt_ptr,
+    num_tiles_ptr,
+    num_pairs,
+    num_slots,
+    num_groups,
+    num_programs,
+    TOPK: tl.constexpr,
+    E: tl.constexpr,
+    HAS_ENABLED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """_count_kernel, then the last program to finish (ticket) reads every count with an atomic
+    exchange to zero, writes the group offsets and the tile table, and resets the ticket."""
+    _count_pairs(
+        topk_ptr,
+        slots_ptr,
+        enabled_ptr,
+        counters_ptr + 1,
+        key_ptr,
+        rank_ptr,
+        num_pairs,
+        num_slots,
+        TOPK,
+        E,
+        HAS_ENABLED,
+        BLOCK,
+        PDL,
+    )
+    # All of this program's counter increments (acq_rel atomics) come before its ticket.
+    tl.debug_barrier()
+    done = tl.atomic_add(counters_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == num_programs - 1:
+        _scan_groups(
+            counters_ptr + 1,
+            group_off_ptr,
+            tile_group_ptr,
+            tile_row0_ptr,
+            tile_cnt_ptr,
+            num_tiles_ptr,
+            num_groups,
+            True,
+            BLOCK_M,
+            BLOCK_G,
+            True,
+        )
+        tl.atomic_xchg(counters_ptr, 0, sem="acq_rel", scope="gpu")
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_groups", "num_programs"])
+def _scan_scatter_kernel(
+    counters_ptr,
+    key_ptr,
+    rank_ptr,
+    group_off_ptr,
+    sorted_ptr,
+    tile_group_ptr,
+    tile_row0_ptr,
+    tile_cnt_ptr,
+    num_tiles_ptr,
+    num_pairs,
+    num_groups,
+    num_programs,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """Second launch of the two-launch counting sort. The counts are complete (the counting
+    launch has finished: a kernel boundary, no in-kernel handoff), so every program scans them
+    itself (a few thousand groups at most) and scatters its BLOCK pairs; program 0 also writes
+    the tile table. Every program writes the same group offsets; each reads back only after its
+    own writes (barrier). The counts are then zeroed for the next call by the LAST program to
+    finish: its ticket (acq_rel) comes after every program's reads of them."""
+    pdl_wait(PDL)
+    pid = tl.program_id(0)
+    counts_ptr = counters_ptr + 1
+    _scan_groups(
+        counts_ptr,
+        group_off_ptr,
+        tile_group_ptr,
+        tile_row0_ptr,
+        tile_cnt_ptr,
+        num_tiles_ptr,
+        num_groups,
+        (pid == 0).to(tl.int32),
+        BLOCK_M,
+        BLOCK_G,
+        False,
+    )
+    tl.debug_barrier()  # this program's group_off stores before its loads (global, same CTA)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < num_pairs
+    key = tl.load(key_ptr + offs, mask=in_range, other=-1)
+    active = key >= 0
+    start = tl.load(group_off_ptr + tl.where(active, key, 0), mask=active, other=0)
+    rank = tl.load(rank_ptr + offs, mask=active, other=0)
+    tl.store(sorted_ptr + start + rank, offs, mask=active)
+    # Every thread's count loads are done (their values were used above) before the ticket.
+    tl.debug_barrier()
+    done = tl.atomic_add(counters_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == num_programs - 1:
+        for g0 in range(0, num_groups, BLOCK_G):
+            g_offs = g0 + tl.arange(0, BLOCK_G)
+            tl.store(
+                counts_ptr + g_offs, tl.zeros((BLOCK_G,), dtype=tl.int32), mask=g_offs < num_groups
+            )
+        tl.atomic_xchg(counters_ptr, 0, sem="acq_rel", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["num_pairs"])

@@ -28,7 +28,7 @@ class LaunchOptions:
     """Overrides of the automatic plan (None = let the plan decide). For tests and benchmarks."""
 
     mode: str | None = None  # "naive" (a tile is one pair) | "grouped" (pairs of one block)
-    sorter: str | None = None  # grouped only: "onepass" | "count" (the pair sorter)
+    sorter: str | None = None  # grouped only: "onepass" | "count" | "count_last" | "count4"
     block_m: int | None = None  # grouped only: pairs per tile
     pdl: bool | None = None  # programmatic dependent launch
     prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead
@@ -80,7 +80,7 @@ def grouped_block_m(cfg: dict, num_pairs: int, num_groups: int, rank: int) -> in
 
 def choose_sorter(cfg: dict, num_pairs: int) -> str:
     """The one-program sort while it beats the counting sort's launches."""
-    return "onepass" if num_pairs <= cfg["onepass_sort_max_pairs"] else "count"
+    return "onepass" if num_pairs <= cfg["onepass_sort_max_pairs"] else "count4"
 
 
 def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int):

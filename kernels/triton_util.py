@@ -78,3 +78,23 @@ def device_name(device_index: int) -> str | None:
 
 def pow2_at_least(n: int, lo: int) -> int:
     return max(lo, triton.next_power_of_2(n))
+
+
+# Zeroed int32 buffers that kernels use as counters and leave zeroed when they finish (so no
+# zero-fill launch per call), one per (device, purpose). Calls on one device must not overlap
+# (one stream, as a model's forward is). Made on first use outside a CUDA-graph capture (a
+# warm-up always runs first); during a capture, a call that finds none big enough gets a fresh
+# zero-filled buffer of its own (the zero-fill is then part of that graph), since a buffer made
+# there would hold its zeros only once the graph is replayed.
+_SELF_CLEANING: dict[tuple[torch.device, str], torch.Tensor] = {}
+
+
+def self_cleaning_counters(device: torch.device, purpose: str, numel: int) -> torch.Tensor:
+    buf = _SELF_CLEANING.get((device, purpose))
+    if buf is not None and buf.numel() >= numel:
+        return buf
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(numel, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(4096, numel), dtype=torch.int32, device=device)
+    _SELF_CLEANING[(device, purpose)] = buf
+    return buf

@@ -191,6 +191,9 @@ def test_routing_is_reused_by_w2():
     check_against_oracle("w2", c, w2, torch.float32)
 
 
+from kernels.triton_util import _SELF_CLEANING  # noqa: E402
+
+
 def _check_grouping(c, num_slots, num_experts, sorter):
     r = tml.route_pairs(
         c["topk_ids"],
@@ -215,16 +218,19 @@ def _check_grouping(c, num_slots, num_experts, sorter):
     assert sorted(seen) == active.nonzero().squeeze(1).tolist()
 
 
-@pytest.mark.parametrize("sorter", ["onepass", "count"])
+@pytest.mark.parametrize("sorter", ["onepass", "count", "count_last", "count4"])
 def test_pair_sorter_groups_pairs(sorter):
     c = make_case(8, 30, 32, 32, 4, 2, 3, 16, torch.float32)
     _check_grouping(c, 3, 4, sorter)
 
 
-def test_count_sorter_over_several_programs():
-    # 2600 pairs: three counting programs.
-    c = make_case(11, 1300, 16, 16, 8, 2, 3, 16, torch.float32, no_adapter=0.2)
-    _check_grouping(c, 3, 8, "count")
+@pytest.mark.parametrize("sorter", ["count", "count_last", "count4"])
+def test_count_sorter_over_several_programs(sorter):
+    # 2600 pairs: three counting programs; twice, so the self-cleaning counters are reused.
+    for seed in (11, 12):
+        c = make_case(seed, 1300, 16, 16, 8, 2, 3, 16, torch.float32, no_adapter=0.2)
+        _check_grouping(c, 3, 8, sorter)
+    assert all(int(b.abs().sum()) == 0 for b in _SELF_CLEANING.values())
 
 
 @pytest.mark.parametrize("slices", [1, 3])

@@ -131,7 +131,7 @@ class AdapterStore:
         """The local directory of the adapter at `uri` (`s3://bucket/prefix` or an absolute local
         directory), downloaded if this exact version is not cached yet."""
         files = self._list(uri)
-        key = _entry_key(uri, files)
+        key = _entry_key(_canonical(uri), files)
         entry = self._entries / key
         with self._locked():
             if (entry / "meta.json").is_file():
@@ -140,7 +140,7 @@ class AdapterStore:
         staged = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=self._tmp))
         try:
             size = self._download(uri, files, staged / "adapter")
-            _write_json(staged / "meta.json", {"uri": uri, "bytes": size})
+            _write_json(staged / "meta.json", {"uri": _canonical(uri), "bytes": size})
             with self._locked():
                 try:
                     os.rename(staged, entry)
@@ -156,6 +156,7 @@ class AdapterStore:
     def pin(self, uri: str) -> None:
         """Keep the newest cached version of `uri` through eviction, for as long as this process
         lives or until `unpin`. Pins are per process, so one process's unpin leaves others'."""
+        uri = _canonical(uri)
         with self._locked():
             pins = self._read_pins()
             holders = set(pins.get(uri, [])) | {os.getpid()}
@@ -163,6 +164,7 @@ class AdapterStore:
             _write_json_atomic(self._pins_file, pins)
 
     def unpin(self, uri: str) -> None:
+        uri = _canonical(uri)
         with self._locked():
             pins = self._read_pins()
             holders = [pid for pid in pins.get(uri, []) if pid != os.getpid()]
@@ -337,6 +339,14 @@ class AdapterStore:
 def _entry_key(uri: str, files: list[_SourceFile]) -> str:
     listing = [(f.name, f.version, f.size) for f in files]
     return hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()
+
+
+def _canonical(uri: str) -> str:
+    """One spelling per location (`s3://b/p/` is `s3://b/p`), for cache keys and pins."""
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        return f"s3://{bucket}/{prefix.rstrip('/')}"
+    return os.path.normpath(uri) if os.path.isabs(uri) else uri
 
 
 def _split_s3_uri(uri: str) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -77,8 +78,8 @@ def test_fetch_downloads_every_object_under_the_prefix(
     assert same_files(path, demo)
     targets = LoraTargets.from_model_dir(builtin.model)
     assert validate_adapter_dir(path, targets, max_rank=16, max_bytes=64 * MB).rank == 8
-    # A trailing slash names the same prefix.
-    assert same_files(store(tmp_path, endpoint).fetch(uri + "/"), demo)
+    # A trailing slash names the same prefix, and the same cache entry.
+    assert store(tmp_path, endpoint).fetch(uri + "/") == path
 
 
 def test_nested_objects_keep_their_layout(tmp_path, endpoint, s3, bucket, demo):
@@ -274,3 +275,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_download_does_not_trust_the_listing(tmp_path, endpoint, s3, bucket, demo):
+    """The limit holds while bytes arrive, and a file longer than listed aborts the download."""
+    uri = upload(s3, bucket, "liar", demo)
+    s = store(tmp_path, endpoint)
+    listing = s._list(uri)
+    s.max_adapter_bytes = 1000  # as if the listing had under-reported the sizes
+    with pytest.raises(AdapterFetchError, match="more than the limit of 1000 bytes"):
+        s._download(uri, listing, tmp_path / "one")
+    s.max_adapter_bytes = s.max_bytes
+    shrunk = [dataclasses.replace(f, size=f.size - 1) for f in listing]
+    with pytest.raises(AdapterFetchError, match="changed while downloading"):
+        s._download(uri, shrunk, tmp_path / "two")
+
+
+def test_an_upload_during_the_download_is_not_mixed_in(tmp_path, endpoint, s3, bucket, demo):
+    uri = upload(s3, bucket, "racing", demo)
+    s = store(tmp_path, endpoint)
+    listing = s._list(uri)
+    s3.put_object(Bucket=bucket, Key="racing/adapter_model.safetensors", Body=b"new version")
+    with pytest.raises(AdapterFetchError, match=f"{uri}: changed while downloading; fetch again"):
+        s._download(uri, listing, tmp_path / "mixed")

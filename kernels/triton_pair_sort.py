@@ -39,6 +39,7 @@ from kernels.triton_util import pdl_trigger, pdl_wait, self_cleaning_counters
 # SENTINEL * BLOCK_P + pair must fit in int32 (BLOCK_P <= 4096).
 _SENTINEL = 1 << 18
 _ONEPASS_MAX_PAIRS = 4096
+COUNT1_MAX_PAIRS = 16384  # the one-program counting sort holds every pair in registers
 
 
 @dataclass
@@ -118,13 +119,39 @@ def sort_pairs(
             **pdl,
         )
         return routing
+    group_off = torch.empty(num_groups, dtype=torch.int32, device=dev)
+    table = (tile_group, tile_row0, tile_cnt, num_tiles)
+    if sorter in ("count1", "count1_cg") and p <= COUNT1_MAX_PAIRS:
+        block_p = max(16, triton.next_power_of_2(p))
+        _sort_count1_kernel[(1,)](
+            topk_ids,
+            token_slots,
+            enabled,
+            self_cleaning_counters(dev, "count_sort1", num_groups),
+            group_off,
+            sorted_pairs,
+            *table,
+            p,
+            num_slots,
+            num_groups,
+            TOPK=top_k,
+            E=num_experts,
+            HAS_ENABLED=has_en,
+            BLOCK_P=block_p,
+            BLOCK_M=block_m,
+            BLOCK_G=1024,
+            ATOMIC_READ=sorter == "count1",
+            num_warps=max(4, min(16, block_p // 256)),
+            **pdl,
+        )
+        return routing
+    if sorter in ("count1", "count1_cg"):
+        sorter = "count"
     key = torch.empty(p, dtype=torch.int32, device=dev)
     rank = torch.empty(p, dtype=torch.int32, device=dev)
-    group_off = torch.empty(num_groups, dtype=torch.int32, device=dev)
     block = 1024
     grid = (triton.cdiv(p, block),)
     route = dict(TOPK=top_k, E=num_experts, HAS_ENABLED=has_en, BLOCK=block)
-    table = (tile_group, tile_row0, tile_cnt, num_tiles)
     if sorter == "count4":
         counts = torch.zeros(num_groups, dtype=torch.int32, device=dev)
         _count_kernel[grid](
@@ -240,6 +267,67 @@ def _sort_onepass_kernel(
     tl.store(num_tiles_ptr, tl.sum(starts.to(tl.int32), axis=0))
 
 
+@triton.jit(do_not_specialize=["num_pairs", "num_slots", "num_groups"])
+def _sort_count1_kernel(
+    topk_ptr,
+    slots_ptr,
+    enabled_ptr,
+    counts_ptr,
+    group_off_ptr,
+    sorted_ptr,
+    tile_group_ptr,
+    tile_row0_ptr,
+    tile_cnt_ptr,
+    num_tiles_ptr,
+    num_pairs,
+    num_slots,
+    num_groups,
+    TOPK: tl.constexpr,
+    E: tl.constexpr,
+    HAS_ENABLED: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    ATOMIC_READ: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The counting sort in ONE program (batches of <= BLOCK_P pairs, all in registers): a
+    pair's rank in its group = atomic_add on the group's counter; then the exclusive scan of the
+    counts (reading each with an atomic exchange to zero, so the counters are clean for the next
+    call and every increment of this program is seen), the tile table, and the scatter. No other
+    program touches the counters: no cross-program ordering at all."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)  # one program: the shrink's programs may take their SM slots now
+    offs = tl.arange(0, BLOCK_P)
+    in_range = offs < num_pairs
+    slot = tl.load(slots_ptr + offs // TOPK, mask=in_range, other=-1).to(tl.int32)
+    expert = tl.load(topk_ptr + offs, mask=in_range, other=-1).to(tl.int32)
+    active = in_range & (slot >= 0) & (slot < num_slots) & (expert >= 0) & (expert < E)
+    if HAS_ENABLED:
+        en = tl.load(enabled_ptr + tl.where(active, slot, 0), mask=active, other=0)
+        active = active & (en != 0)
+    key = tl.where(active, slot * E + expert, 0)
+    rank = tl.atomic_add(counts_ptr + key, 1, mask=active, sem="acq_rel", scope="gpu")
+    tl.debug_barrier()  # every thread's increments are done (their ranks came back)
+    _scan_groups(
+        counts_ptr,
+        group_off_ptr,
+        tile_group_ptr,
+        tile_row0_ptr,
+        tile_cnt_ptr,
+        num_tiles_ptr,
+        num_groups,
+        1,
+        BLOCK_M,
+        BLOCK_G,
+        ATOMIC_READ,
+        True,
+    )
+    tl.debug_barrier()  # group_off stores before the loads below (global memory, same CTA)
+    start = tl.load(group_off_ptr + key, mask=active, other=0)
+    tl.store(sorted_ptr + start + rank, offs, mask=active)
+
+
 @triton.jit
 def _count_pairs(
     topk_ptr,
@@ -321,10 +409,12 @@ def _scan_groups(
     BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr,
     ATOMIC_READ: tl.constexpr,
+    ZERO: tl.constexpr = False,
 ):
     """Exclusive scan of the group counts into group offsets and (if write_tiles, 0 or 1) the
     tile table, in BLOCK_G chunks. ATOMIC_READ: read each count with an atomic exchange that
-    also zeroes it (counts written by other programs of the same launch)."""
+    also zeroes it (counts written by other threads or programs of the same launch); ZERO:
+    zero each count with a plain store right after reading it (its only reader)."""
     row_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
     tile_carry = tl.sum(tl.zeros((BLOCK_G,), dtype=tl.int32), axis=0)
     for g0 in range(0, num_groups, BLOCK_G):
@@ -336,6 +426,8 @@ def _scan_groups(
         else:
             # .cg: counts are atomics of another launch, kept in L2; never a stale L1 line.
             cnt = tl.load(counts_ptr + offs, mask=g_mask, other=0, cache_modifier=".cg")
+            if ZERO:
+                tl.store(counts_ptr + offs, tl.zeros_like(cnt), mask=g_mask)
         ntile = (cnt + BLOCK_M - 1) // BLOCK_M
         row_off = row_carry + tl.cumsum(cnt, axis=0) - cnt
         tile_off = tile_carry + tl.cumsum(ntile, axis=0) - ntile

@@ -262,8 +262,8 @@ def time_sorters(sorters, results):
     gen = torch.Generator()
     gen.manual_seed(7)
     rows = []
-    for experts, top_k, slots in ((128, 8, 2), (128, 8, 9), (128, 8, 33), (32, 4, 9)):
-        for m in (128, 256, 512, 1024, 2048):
+    for experts, top_k, slots in ((128, 8, 2), (128, 8, 33), (32, 4, 2), (32, 4, 9)):
+        for m in (64, 128, 256, 512, 1024, 2048):
             p = m * top_k
             cases = [
                 random_case(gen, m=m, experts=experts, top_k=top_k, slots=slots) for _ in range(20)
@@ -308,6 +308,43 @@ def time_sorters(sorters, results):
         log(" ".join(f"{v:>10}" for v in vals))
 
 
+OP_CELLS = [  # (model, rank, adapters, M, skewed): the single-call cells the sorter decides
+    ("qwen3-30b-a3b", 16, 1, 256, False),
+    ("qwen3-30b-a3b", 16, 1, 512, False),
+    ("qwen3-30b-a3b", 16, 1, 1024, False),
+    ("qwen3-30b-a3b", 16, 8, 256, True),
+    ("qwen3-30b-a3b", 16, 32, 512, False),
+    ("gpt-oss-20b", 16, 1, 512, False),
+    ("gpt-oss-20b", 16, 1, 2048, False),
+]
+
+
+def op_timing(sorters, results):
+    """bench.py's single-call method (one projection call x20 in a CUDA graph, routing built per
+    call) with each sorter forced, beside vLLM's op on the same inputs."""
+    from benchmarks.kernels import vllm_ops
+    from benchmarks.kernels.bench import time_single
+
+    try:
+        vllm = vllm_ops.VllmLoRA()
+    except Exception as exc:  # noqa: BLE001
+        log(f"vLLM op copy unavailable: {exc!r}")
+        vllm = None
+    gen = torch.Generator(device=DEV).manual_seed(99)
+    variants = {"auto": {}}
+    variants.update({s: dict(mode="grouped", sorter=s) for s in sorters})
+    rows = []
+    for model, rank, n_act, m, skew in OP_CELLS:
+        for r in time_single(vllm, model, rank, n_act, m, skew, gen, variants):
+            rows.append(r)
+            parts = " ".join(f"{s} {r[f'ours_{s}_us']:.1f}" for s in sorters)
+            log(
+                f"{model} r{rank} a{n_act} M{m} {r['proj']} {r['routing']}: vllm "
+                f"{r.get('vllm_us', float('nan')):.1f} auto {r['ours_auto_us']:.1f} {parts}"
+            )
+    results["op_timing"] = rows
+
+
 def main():
     global OLD
     ap = argparse.ArgumentParser()
@@ -315,7 +352,7 @@ def main():
     ap.add_argument("--cases", type=int, default=400)
     ap.add_argument("--op-cases", type=int, default=40)
     ap.add_argument("--old", default=None)
-    ap.add_argument("--sorters", default="count,count_last,count4")
+    ap.add_argument("--sorters", default="count1,count1_cg,count,count4")
     ap.add_argument("--parts", default="stress,op,timing")
     args = ap.parse_args()
     sorters = args.sorters.split(",")
@@ -344,6 +381,8 @@ def main():
             op_checks([s for s in sorters if s != "old"], args.op_cases, gen, results)
         if "timing" in parts:
             time_sorters(["onepass"] + [s for s in sorters if s != "old"], results)
+        if "op_timing" in parts:
+            op_timing([s for s in sorters if s != "old"], results)
     finally:
         with open(f"{args.out}/stress_sort_{'_'.join(args.parts.split(','))}.json", "w") as f:
             json.dump(results, f, indent=1)

@@ -218,7 +218,9 @@ def _check_grouping(c, num_slots, num_experts, sorter):
     assert sorted(seen) == active.nonzero().squeeze(1).tolist()
 
 
-@pytest.mark.parametrize("sorter", ["onepass", "count", "count_last", "count4"])
+@pytest.mark.parametrize(
+    "sorter", ["onepass", "count1", "count1_cg", "count", "count_last", "count4"]
+)
 def test_pair_sorter_groups_pairs(sorter):
     c = make_case(8, 30, 32, 32, 4, 2, 3, 16, torch.float32)
     _check_grouping(c, 3, 4, sorter)

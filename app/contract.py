@@ -64,6 +64,18 @@ class ReplyTail:
 ReplyItem = Accepted | ReplyHead | str | ReplyTail
 
 
+class EngineUnavailable(RuntimeError):
+    """Raised by an engine replica, before `Accepted`, when its engine cannot serve (e.g. its
+    EngineCore process died): nothing was started, so the ingress sends the request elsewhere."""
+
+    def __init__(self, replica_id: str):
+        super().__init__(f"the engine of replica {replica_id} has failed")
+        self.replica_id = replica_id
+
+    def __reduce__(self):  # crosses the Ray hop pickled: keep the replica id, not the message
+        return (EngineUnavailable, (self.replica_id,))
+
+
 @dataclass(frozen=True)
 class RoutingStats:
     """What an engine replica holds and how busy it is: input of the adapter-aware router."""
@@ -73,6 +85,8 @@ class RoutingStats:
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0
+    # False once the replica's engine has failed: routers skip it until Ray replaces it.
+    serving: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +101,7 @@ class RoutingStats:
             running=int(stats.get("running", 0)),
             waiting=int(stats.get("waiting", 0)),
             kv_cache_usage=float(stats.get("kv_cache_usage", 0.0)),
+            serving=bool(stats.get("serving", True)),
         )
 
 

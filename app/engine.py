@@ -29,6 +29,7 @@ from app.config import EngineConfig
 from app.contract import (
     Accepted,
     AutoscalingStat,
+    EngineUnavailable,
     ReplyHead,
     ReplyItem,
     ReplyKind,
@@ -40,6 +41,9 @@ from app.model_files import resolve_adapter_path, resolve_model_path
 from app.replica_env import reset_niceness
 
 logger = get_logger("engine")
+
+ENGINE_WATCH_PERIOD_S = 0.1
+ENGINE_EXIT_DELAY_S = 0.3
 
 
 @dataclass
@@ -243,6 +247,9 @@ class VLLMEngine:
     ) -> AsyncIterator[ReplyItem]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+        if not self.serving:
+            # Before Accepted: the ingress retries elsewhere instead of answering an error.
+            raise EngineUnavailable(self.replica_id)
         yield Accepted(self.replica_id)
         error = await self.ensure_adapter(adapter)
         if error is not None:
@@ -274,10 +281,18 @@ class VLLMEngine:
                 completion_tokens=usage.completion_tokens if usage else None,
             )
 
+    @property
+    def serving(self) -> bool:
+        """False once vLLM's engine has failed (e.g. EngineCore died); it never recovers, and
+        Ray replaces the replica after its health checks fail (`check_health`)."""
+        return self.engine is not None and not self.engine.errored
+
     def _error_head(self, error) -> ReplyHead:
         return ReplyHead(ReplyKind.ERROR, error.error.code, error.model_dump_json().encode())
 
     async def routing_stats(self) -> RoutingStats:
+        if not self.serving:
+            return RoutingStats(serving=False)
         load = self.load
         return RoutingStats(
             accelerator_adapters=list(load.recent_adapters),
@@ -285,6 +300,7 @@ class VLLMEngine:
             running=load.running,
             waiting=load.waiting,
             kv_cache_usage=load.kv_cache_usage,
+            serving=self.serving,
         )
 
 
@@ -301,6 +317,19 @@ class EngineDeployment:
         t0 = time.monotonic()
         await self.llm.start()
         logger.info("vLLM engine started in %.1fs", time.monotonic() - t0)
+        self._watch = asyncio.get_running_loop().create_task(self._exit_when_engine_dies())
+
+    async def _exit_when_engine_dies(self) -> None:
+        """vLLM's engine never recovers once its EngineCore has died, and while this replica
+        lives on it refuses everything at once, which makes it look like the least loaded
+        replica. Exiting hands it to Ray's own handling of a dead actor: every router drops it
+        on its next call and the controller starts a replacement now, instead of after three
+        failed health checks and a graceful stop."""
+        while self.llm.serving:
+            await asyncio.sleep(ENGINE_WATCH_PERIOD_S)
+        logger.error("the vLLM engine has failed; exiting so that Ray replaces this replica")
+        await asyncio.sleep(ENGINE_EXIT_DELAY_S)  # in-flight streams send their error events
+        os._exit(1)
 
     # Async generator methods, so Ray Serve streams them on its event loop (a plain method
     # returning a generator would count as a sync method).

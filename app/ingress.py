@@ -7,8 +7,8 @@ Order of checks for a generation request, each answered with an OpenAI-style JSO
   3. `model` -> base model or an adapter this tenant may use (404, identical for a name that
      does not exist and another tenant's adapter),                    app/adapters.py
   4. dispatch through the engine deployment's handle, the adapter as multiplexed model id, so
-     the adapter-aware request router (app/request_router.py) can place it (503 + Retry-After
-     when no replica can take it).                                    app/contract.py
+     the adapter-aware request router (app/request_router.py) can place it; retried on another
+     replica if one cannot serve; 503 + Retry-After when none takes it. app/dispatch.py
 Deeper validation (sampling ranges, context length) is vLLM's, in the engine, returned as is.
 
 `build_api` makes the FastAPI app from its dependencies (testable without Ray); `Ingress` is
@@ -20,19 +20,26 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from http import HTTPStatus
-from typing import Any, Literal, Protocol
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from app.adapters import AdapterCatalog, ModelNotFound
-from app.contract import Accepted, ReplyHead, ReplyItem, ReplyKind, ReplyTail
+from app.contract import ReplyKind, ReplyTail
+from app.dispatch import (
+    Endpoint,
+    EngineClient,
+    FleetWatch,
+    NoEngine,
+    Readiness,
+    Replies,
+    dispatch,
+)
 from app.logs import get_logger
 from app.metrics import RequestMetrics
 from app.openai_errors import (
@@ -60,40 +67,6 @@ from app.tenants import TenantDirectory
 logger = get_logger("ingress")
 
 SERVED_BY_HEADER = "x-served-by"
-Endpoint = Literal["chat", "completion"]
-
-
-class Replies(Protocol):
-    """A reply stream from an engine (Ray's DeploymentResponseGenerator, or a test double)."""
-
-    def __aiter__(self) -> AsyncIterator[ReplyItem]: ...
-    async def __anext__(self) -> ReplyItem: ...
-    def cancel(self) -> None: ...
-
-
-class EngineClient:
-    """Calls the engine deployment. Configured handles are cached per adapter: `.options()`
-    builds a new handle (and its router state) on every call."""
-
-    MAX_CACHED_HANDLES = 4096
-
-    def __init__(self, handle):
-        self._handle = handle
-        self._by_adapter: OrderedDict[str, Any] = OrderedDict()
-
-    def _configured(self, adapter: str):
-        handle = self._by_adapter.get(adapter)
-        if handle is not None:
-            self._by_adapter.move_to_end(adapter)
-        else:
-            handle = self._handle.options(stream=True, multiplexed_model_id=adapter)
-            self._by_adapter[adapter] = handle
-            if len(self._by_adapter) > self.MAX_CACHED_HANDLES:
-                self._by_adapter.popitem(last=False)
-        return handle
-
-    def call(self, endpoint: Endpoint, request, adapter: str | None) -> Replies:
-        return getattr(self._configured(adapter or ""), endpoint).remote(request)
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -162,9 +135,6 @@ async def read_body(request: Request, limits: RequestLimits) -> bytes:
         ) from None
 
 
-Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
-
-
 async def serve_readiness(engine_deployment: str = "Engine") -> tuple[bool, dict[str, Any]]:
     """Ready when at least one engine replica runs; each deployment's status as Serve sees it."""
     app_name = serve.get_replica_context().app_name
@@ -192,6 +162,7 @@ def build_api(
     limits: RequestLimits | None = None,
     readiness: Readiness | None = None,
     on_request_done: Callable[[RequestRecord], None] | None = None,
+    fleet: FleetWatch | None = None,
 ) -> FastAPI:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -274,28 +245,21 @@ def build_api(
             return model_not_found(request.model)
         record.model, record.stream = request.model, bool(request.stream)
 
-        replies = engine.call(endpoint, request, adapter)
         try:
-            accepted: Accepted = await asyncio.wait_for(
-                replies.__anext__(), timeout=limits.accept_timeout_s
+            accepted, head, replies = await dispatch(
+                engine,
+                endpoint,
+                request,
+                adapter,
+                accept_timeout_s=limits.accept_timeout_s,
+                attempts=limits.dispatch_attempts,
+                fleet=fleet,
+                request_id=record.request_id,
             )
-            record.replica = accepted.replica_id
-            head: ReplyHead = await replies.__anext__()
-        except (BackPressureError, DeploymentUnavailableError) as exc:
-            # Rejected before reaching a replica: nothing to cancel.
-            logger.warning("no engine replica can take the request: %s", type(exc).__name__)
+        except NoEngine as exc:
+            logger.warning("request %s not served: %s", record.request_id, exc)
             return service_unavailable(retry_after_s)
-        except TimeoutError:
-            replies.cancel()
-            logger.warning("no engine replica took request %s in time", record.request_id)
-            return service_unavailable(retry_after_s)
-        except asyncio.CancelledError:  # the client went away while waiting
-            replies.cancel()
-            raise
-        except Exception:  # noqa: BLE001 - e.g. the replica died: the client may retry
-            replies.cancel()
-            logger.exception("engine failed before answering %s", record.request_id)
-            return service_unavailable(retry_after_s)
+        record.replica = accepted.replica_id
         headers = {SERVED_BY_HEADER: accepted.replica_id}
         if head.kind is ReplyKind.STREAM:
             return StreamingResponse(
@@ -341,6 +305,7 @@ class Ingress:
             limits,
             serve_readiness,
             metrics.observe,
+            FleetWatch(serve_readiness),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -29,6 +29,7 @@ def build_app(args: dict[str, Any]) -> Application:
         max_queued_requests=dep.max_queued_requests,
         ray_actor_options=with_replica_env(dep.ray_actor_options, engine_env_vars(dep.env_vars)),
         health_check_period_s=dep.health_check_period_s,
+        health_check_timeout_s=dep.health_check_timeout_s,
         request_router_config=RequestRouterConfig(
             request_router_class="app.request_router:AdapterAffinityRequestRouter",
             request_router_kwargs={"imbalance_threshold": cfg.routing.imbalance_threshold},

@@ -46,6 +46,9 @@ class RequestLimits(BaseModel):
     # How long a request may wait for an engine replica to take it (queued behind others, or no
     # replica running yet, or its replica just died) before it gets a 503 + Retry-After.
     accept_timeout_s: float = Field(default=30.0, gt=0)
+    # Replicas tried for one request when a replica cannot serve before taking it (its actor
+    # or engine died); never retried once taken (app/dispatch.py).
+    dispatch_attempts: int = Field(default=3, ge=1)
     max_n: int = Field(default=8, ge=1)
     max_stop: int = Field(default=16, ge=0, description="stop strings and stop_token_ids, each")
     max_logit_bias: int = Field(default=300, ge=0)

@@ -13,6 +13,7 @@ refreshed every few seconds, plus what this router itself sent recently (so a bu
 adapter sticks to one replica before the next stats arrive). A load bound keeps a popular
 adapter from piling onto one replica while others idle: a replica stays in tiers 1-2 only while
 its queue is at most `imbalance_threshold` longer than the least loaded candidate's.
+Replicas whose stats say their engine failed are skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from app.contract import RoutingStats
 
 # How long a routing decision of this router counts as "the adapter is there" by itself.
 RECENT_ROUTE_TTL_S = 30.0
+
+
+def serving_replicas(candidates: list[RunningReplica]) -> list[RunningReplica]:
+    """Candidates without those whose stats say their engine failed (such a replica exits
+    within a second, see app/engine.py; this covers the stats that arrive first). If every
+    replica failed, all of them: they refuse at once and the client gets a fast 503."""
+    serving = [r for r in candidates if RoutingStats.parse(r.routing_stats).serving]
+    return serving or candidates
 
 
 class AdapterAffinityRequestRouter(RequestRouter):
@@ -67,7 +76,7 @@ class AdapterAffinityRequestRouter(RequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         adapter = pending_request.metadata.multiplexed_model_id if pending_request else ""
-        return self.rank(candidate_replicas, adapter)
+        return self.rank(serving_replicas(candidate_replicas), adapter)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result):
         adapter = pending_request.metadata.multiplexed_model_id

@@ -6,6 +6,7 @@ is covered by tests/integration/test_server.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -28,6 +29,19 @@ CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 
 HANG = object()  # a replica that never answers
+
+
+@contextlib.contextmanager
+def access_log_captured(caplog):
+    """caplog's handler on the access logger itself: importing Ray Serve stops `ray.serve.*`
+    records from propagating to the root logger, where caplog listens by default."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 class ScriptedReplies:
@@ -135,7 +149,7 @@ def test_json_reply_passes_through_and_is_logged_once_without_secrets(caplog):
         "model": ACME.adapter,
         "messages": [{"role": "user", "content": "PII"}],
     }
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+    with access_log_captured(caplog):
         resp = client.post("/v1/chat/completions", json=secret_prompt, headers=AUTH)
     assert resp.status_code == 200 and resp.content == body
     assert resp.headers["x-served-by"] == "r1"
@@ -153,7 +167,7 @@ def test_json_reply_passes_through_and_is_logged_once_without_secrets(caplog):
 def test_stream_token_counts_reach_the_log_and_an_engine_failure_ends_with_an_error_event(caplog):
     head = [Accepted("r1"), ReplyHead(ReplyKind.STREAM)]
     client, _ = make_client([*head, "data: {}\n\n", ReplyTail(3, 1), "data: [DONE]\n\n"])
-    with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
+    with access_log_captured(caplog):
         resp = client.post("/v1/chat/completions", json={**CHAT, "stream": True}, headers=AUTH)
     assert resp.text == "data: {}\n\ndata: [DONE]\n\n"
     record = json.loads([r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER][0])

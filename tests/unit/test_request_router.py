@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from ray.serve._private.request_router.common import ReplicaQueueLengthCache
 
 from app.contract import RoutingStats
-from app.request_router import AdapterAffinityRequestRouter
+from app.request_router import AdapterAffinityRequestRouter, serving_replicas
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,11 @@ def test_recent_routes_count_as_resident_before_stats_arrive():
 
     router.on_request_routed(Pending, "cold", None)
     assert ids(router.rank(ALL, "new")) == [["cold"], ["cold", "cpu", "gpu"]]
+
+
+def test_replicas_whose_engine_failed_are_skipped():
+    ok = FakeReplica("ok", RoutingStats().as_dict())
+    dead = FakeReplica("dead", RoutingStats(serving=False).as_dict())
+    assert serving_replicas([dead, ok, COLD]) == [ok, COLD]
+    # Every replica failed: all of them, so the request is refused at once instead of waiting.
+    assert serving_replicas([dead]) == [dead]

@@ -1,0 +1,183 @@
+"""Getting a request taken by an engine replica: the ingress side of the Ray handle hop.
+
+A request is dispatched through the engine deployment's handle (the adapter as multiplexed
+model id, so the adapter-aware request router places it) and counts as taken when the replica
+sends `Accepted` (app/contract.py). Until then nothing has run, so a failure is retried on
+another replica: the replica's actor died (Ray's router drops it at once) or its engine failed
+(`EngineUnavailable`; such a replica exits at once, and the request router skips it from its
+next stats on). After `Accepted`
+nothing is retried: a request that kills its engine must not get to kill a second one.
+
+The wait for `Accepted` is bounded by `accept_timeout_s`, and cut short when Ray Serve runs no
+engine replica at all (`FleetWatch`): then the client gets a 503 + Retry-After within about a
+second instead of waiting for a replica that is still starting or being replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, Protocol
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from app.contract import Accepted, EngineUnavailable, ReplyHead, ReplyItem
+from app.logs import get_logger
+
+logger = get_logger("dispatch")
+
+Endpoint = Literal["chat", "completion"]
+Readiness = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
+
+# Failures before Accepted that say "this replica cannot serve", not "this request is bad".
+RETRYABLE = (EngineUnavailable, ActorDiedError, ActorUnavailableError)
+# How often a waiting request looks at the fleet state (the state itself refreshes each period).
+FLEET_CHECK_S = 0.25
+# Pause before retry n is n times this (a refusing replica takes up to ~0.5 s to exit).
+RETRY_BACKOFF_S = 0.25
+
+
+class Replies(Protocol):
+    """A reply stream from an engine (Ray's DeploymentResponseGenerator, or a test double)."""
+
+    def __aiter__(self) -> AsyncIterator[ReplyItem]: ...
+    async def __anext__(self) -> ReplyItem: ...
+    def cancel(self) -> None: ...
+
+
+class EngineClient:
+    """Calls the engine deployment. Configured handles are cached per adapter: `.options()`
+    builds a new handle (and its router state) on every call."""
+
+    MAX_CACHED_HANDLES = 4096
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._by_adapter: OrderedDict[str, Any] = OrderedDict()
+
+    def _configured(self, adapter: str):
+        handle = self._by_adapter.get(adapter)
+        if handle is not None:
+            self._by_adapter.move_to_end(adapter)
+        else:
+            handle = self._handle.options(stream=True, multiplexed_model_id=adapter)
+            self._by_adapter[adapter] = handle
+            if len(self._by_adapter) > self.MAX_CACHED_HANDLES:
+                self._by_adapter.popitem(last=False)
+        return handle
+
+    def call(self, endpoint: Endpoint, request, adapter: str | None) -> Replies:
+        return getattr(self._configured(adapter or ""), endpoint).remote(request)
+
+
+class FleetWatch:
+    """Whether Ray Serve runs any engine replica, refreshed in the background every
+    `period_s` (one controller call per period, never on a request's path)."""
+
+    def __init__(self, readiness: Readiness, period_s: float = 1.0):
+        self._readiness = readiness
+        self._period_s = period_s
+        self._has_engine: bool | None = None  # None: not known yet
+        self._task: asyncio.Task | None = None
+
+    def has_engine(self) -> bool:
+        """False only when the last look found no running engine replica."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._refresh_forever())
+        return self._has_engine is not False
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                self._has_engine, _ = await self._readiness()
+            except Exception:  # noqa: BLE001 - keep the last known state; the controller may be busy
+                logger.warning("fleet state unavailable", exc_info=True)
+            await asyncio.sleep(self._period_s)
+
+
+class NoEngine(Exception):
+    """No engine replica took the request (none runs, all busy, or the wait ran out): a 503."""
+
+
+async def dispatch(
+    engine: EngineClient,
+    endpoint: Endpoint,
+    request,
+    adapter: str | None,
+    *,
+    accept_timeout_s: float,
+    attempts: int,
+    fleet: FleetWatch | None = None,
+    request_id: str = "",
+) -> tuple[Accepted, ReplyHead, Replies]:
+    """The request taken by a replica: its Accepted, its ReplyHead and the rest of its replies.
+    Raises NoEngine (answer 503 + Retry-After); cancels what it started when it gives up."""
+    deadline = time.monotonic() + accept_timeout_s
+    for attempt in range(1, attempts + 1):
+        if fleet is not None and not fleet.has_engine():
+            raise NoEngine("no engine replica is running")
+        replies = engine.call(endpoint, request, adapter)
+        try:
+            accepted = await _first_reply(replies, deadline, fleet)
+        except (BackPressureError, DeploymentUnavailableError) as exc:
+            # Refused before reaching a replica: nothing to cancel.
+            raise NoEngine(type(exc).__name__) from None
+        except RETRYABLE as exc:
+            replies.cancel()
+            logger.warning(
+                "request %s: replica cannot serve (%s), attempt %d of %d",
+                request_id,
+                type(exc).__name__,
+                attempt,
+                attempts,
+            )
+            # A replica whose engine died refuses everything at once, so it looks like the
+            # least loaded one; it exits within ENGINE_EXIT_DELAY_S (app/engine.py), after which
+            # Ray's router drops it. Retries are spaced to outlast that.
+            await asyncio.sleep(
+                min(RETRY_BACKOFF_S * attempt, max(0.0, deadline - time.monotonic()))
+            )
+            continue
+        except asyncio.CancelledError:  # the client went away while waiting
+            replies.cancel()
+            raise
+        except NoEngine:
+            replies.cancel()
+            raise
+        except Exception as exc:
+            replies.cancel()
+            logger.exception("request %s: engine failed before accepting it", request_id)
+            raise NoEngine(type(exc).__name__) from None
+        try:
+            head: ReplyHead = await replies.__anext__()
+        except asyncio.CancelledError:
+            replies.cancel()
+            raise
+        except Exception as exc:
+            replies.cancel()
+            logger.exception("request %s: engine failed after accepting it", request_id)
+            raise NoEngine(type(exc).__name__) from None
+        return accepted, head, replies
+    raise NoEngine(f"{attempts} replicas could not serve")
+
+
+async def _first_reply(replies: Replies, deadline: float, fleet: FleetWatch | None) -> Accepted:
+    """The replica's Accepted, waiting at most until `deadline` and no longer than it takes to
+    see that no engine replica runs."""
+    first = asyncio.ensure_future(replies.__anext__())
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise NoEngine("no engine replica took the request in time")
+            done, _ = await asyncio.wait({first}, timeout=min(remaining, FLEET_CHECK_S))
+            if done:
+                return first.result()
+            if fleet is not None and not fleet.has_engine():
+                raise NoEngine("no engine replica is running")
+    finally:
+        if not first.done():
+            first.cancel()

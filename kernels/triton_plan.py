@@ -28,7 +28,9 @@ class LaunchOptions:
     """Overrides of the automatic plan (None = let the plan decide). For tests and benchmarks."""
 
     mode: str | None = None  # "naive" (a tile is one pair) | "grouped" (pairs of one block)
-    sorter: str | None = None  # grouped only: "onepass" | "count" | "count_last" | "count4"
+    # grouped only, the pair sorter: "onepass" | "count1" | "count4" (kernels/triton_pair_sort.py;
+    # also "count", "count_last", "count1_cg": measured alternatives)
+    sorter: str | None = None
     block_m: int | None = None  # grouped only: pairs per tile
     pdl: bool | None = None  # programmatic dependent launch
     prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead
@@ -79,8 +81,11 @@ def grouped_block_m(cfg: dict, num_pairs: int, num_groups: int, rank: int) -> in
 
 
 def choose_sorter(cfg: dict, num_pairs: int) -> str:
-    """The one-program sort while it beats the counting sort's launches."""
-    return "onepass" if num_pairs <= cfg["onepass_sort_max_pairs"] else "count4"
+    """The one-program tl.sort up to onepass_sort_max_pairs, then the one-program counting sort
+    up to count1_max_pairs, then the four-launch counting sort (many programs)."""
+    if num_pairs <= cfg["onepass_sort_max_pairs"]:
+        return "onepass"
+    return "count1" if num_pairs <= cfg["count1_max_pairs"] else "count4"
 
 
 def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int):

@@ -160,6 +160,8 @@ CHECK_VARIANTS = {
     "tile-naive": dict(mode="naive"),
     "grouped-onepass": dict(mode="grouped", sorter="onepass"),
     "grouped-count": dict(mode="grouped", sorter="count"),
+    "grouped-count1": dict(mode="grouped", sorter="count1"),
+    "grouped-count4": dict(mode="grouped", sorter="count4"),
     "nopf-nopdl": dict(prefetch=False, pdl=False),
 }
 
@@ -173,7 +175,14 @@ def run_correctness(vllm, gen):
                 names = (
                     CHECK_VARIANTS
                     if m <= 64
-                    else ("auto", "grouped-onepass", "grouped-count", "nopf-nopdl")
+                    else (
+                        "auto",
+                        "grouped-onepass",
+                        "grouped-count",
+                        "grouped-count1",
+                        "grouped-count4",
+                        "nopf-nopdl",
+                    )
                 )
                 v = {n: CHECK_VARIANTS[n] for n in names}
                 rows += check_case(vllm, model, rank, m, n_act, gen, v)
@@ -416,8 +425,8 @@ def our_path_name(model, rank, m, n_act):
 
 def plan_variants(model, rank, n_act, m):
     """The plan ("auto") and, where the plan has a close alternative, both sides forced: the
-    two pair sorters from 1025 to 4096 pairs (onepass_sort_max_pairs), and the expand's K-split
-    sum unrolled or not up to M = 256 (unroll_ksplit_max)."""
+    pair sorter from 1025 to 8192 pairs (the one-program counting sort vs the four-launch one),
+    and the expand's K-split sum unrolled or not up to M = 256 (unroll_ksplit_max_pairs)."""
     spec = MODELS[model]
     p = m * spec["top_k"]
     path = our_path_name(model, rank, m, n_act)
@@ -425,9 +434,9 @@ def plan_variants(model, rank, n_act, m):
     if m <= 256:
         v["rolled"] = dict(unroll_ksplit=False)
         v["unrolled"] = dict(unroll_ksplit=True)
-    if path.startswith("tile-grouped") and 1024 < p <= 4096:
-        v["onepass"] = dict(mode="grouped", sorter="onepass")
-        v["count"] = dict(mode="grouped", sorter="count")
+    if path.startswith("tile-grouped") and 1024 < p <= 8192:
+        v["count1"] = dict(mode="grouped", sorter="count1")
+        v["count4"] = dict(mode="grouped", sorter="count4")
     return v
 
 

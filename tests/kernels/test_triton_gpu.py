@@ -23,6 +23,8 @@ PATHS = {
     "grouped-unrolled-sum": LaunchOptions(mode="grouped", unroll_ksplit=True),
     "grouped-onepass": LaunchOptions(mode="grouped", sorter="onepass"),
     "grouped-count": LaunchOptions(mode="grouped", sorter="count"),
+    "grouped-count1": LaunchOptions(mode="grouped", sorter="count1"),
+    "grouped-count4": LaunchOptions(mode="grouped", sorter="count4"),
     "auto": LaunchOptions(),
 }
 # model, M, adapters, rank: decode sizes, a grouped size, an odd M

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -67,6 +67,20 @@ from app.tenants import TenantDirectory
 logger = get_logger("ingress")
 
 SERVED_BY_HEADER = "x-served-by"
+
+
+def materialized(value):
+    """`value` with every lazily validated iterable turned into a list. vLLM's chat message
+    types declare some fields `Iterable[...]` (e.g. an assistant message's content parts), which
+    pydantic validates lazily as a ValidatorIterator: consumed here, a bad item is a 400 now
+    (a ValidationError), and the request can cross the Ray hop (an iterator cannot be pickled)."""
+    if isinstance(value, dict):
+        return {k: materialized(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [materialized(v) for v in value]
+    if isinstance(value, Iterator):
+        return [materialized(v) for v in value]
+    return value
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -227,6 +241,8 @@ def build_api(
         try:
             check_fields(endpoint, body)
             request = protocols[endpoint].model_validate(body)
+            if endpoint == "chat":
+                request.messages = materialized(request.messages)
             check_limits(request, limits)
         except PolicyViolation as exc:
             return bad_request(exc.message, exc.param)
@@ -234,6 +250,10 @@ def build_api(
             return bad_request(_validation_message(exc))
         except (VLLMValidationError, ValueError) as exc:  # vLLM's own validators
             return bad_request(echo(exc), getattr(exc, "parameter", None))
+        except TypeError as exc:
+            # Some of vLLM's model validators assume a field's type before pydantic has
+            # checked it (e.g. a system message whose content is a number): still bad input.
+            return bad_request(f"Invalid request: {echo(exc)}")
         if endpoint == "chat" and not request.messages:
             return bad_request("messages must not be empty.", "messages")
         if request.model is None:

@@ -248,3 +248,20 @@ def test_an_engine_failing_before_it_answers_is_a_503_to_retry():
     resp = client.post("/v1/chat/completions", json=CHAT, headers=AUTH)
     assert_openai_error(resp, 503)
     assert resp.headers["retry-after"] == "2" and engine.replies[0].cancelled
+
+
+def test_lazily_validated_iterables_are_materialized_so_they_can_cross_the_ray_hop():
+    import pickle
+    from collections.abc import Iterable
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from app.ingress import materialized
+
+    lazy = TypeAdapter(Iterable[int]).validate_python([1, "2"])
+    with pytest.raises(TypeError):
+        pickle.dumps(lazy)
+    value = materialized([{"role": "assistant", "content": lazy}])
+    assert pickle.loads(pickle.dumps(value)) == [{"role": "assistant", "content": [1, 2]}]
+    with pytest.raises(ValidationError):  # a bad item surfaces here, as a 400
+        materialized(TypeAdapter(Iterable[int]).validate_python(["x"]))

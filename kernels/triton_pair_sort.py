@@ -145,7 +145,9 @@ def sort_pairs(
             **pdl,
         )
         return routing
-    if sorter in ("count1", "count1_cg"):
+    if sorter == "onepass":  # too many pairs for one tl.sort
+        sorter = "count4"
+    if sorter in ("count1", "count1_cg"):  # too many pairs for one program's registers
         sorter = "count"
     key = torch.empty(p, dtype=torch.int32, device=dev)
     rank = torch.empty(p, dtype=torch.int32, device=dev)

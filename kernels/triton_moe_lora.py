@@ -538,7 +538,7 @@ def route_pairs(
     if mode == "naive":
         return naive_routing(p)
     bm = options.block_m or grouped_block_m(call.cfg, p, groups, rank)
-    sorter = options.sorter or choose_sorter(call.cfg, p)
+    sorter = options.sorter or choose_sorter(call.cfg, p, groups)
     return sort_pairs(
         topk_ids.contiguous(),
         token_slots.contiguous(),

@@ -3,11 +3,15 @@
 A MoE-LoRA tile is either ONE pair ("naive": no metadata at all; for batches whose pairs rarely
 share a (slot, expert) weight block) or up to BLOCK_M pairs of ONE (slot, expert) group
 ("grouped": the block is read once for all of them). Grouping needs the pairs sorted by
-group; two pair sorters do it:
+group; the pair sorters do it (the plan picks onepass, count1 or count4):
 
   onepass  ONE program packs (key = slot*E + expert, pair) into an int32, tl.sort's it, finds
            each pair's rank inside its key run with a segmented scan and writes the tile table
            directly. At decode sizes a launch costs more than this work.
+  count1   counting sort in ONE program (up to 8192 pairs, all in registers): ranks from
+           atomic_add, then the counts read and zeroed by atomic exchange, the scan, the tile
+           table and the scatter, all in that program. The plan's choice from 1025 to 4096 pairs
+           (docs/kernels.md, round three); count1_cg: the same with plain loads (measured only).
   count    counting sort in two launches: (1) per-group counters, a pair's rank in its group =
            the atomic_add's return value; (2) every program scans the counts into group
            offsets (program 0 also writes the tile table) and scatters its pairs; the LAST

@@ -80,12 +80,15 @@ def grouped_block_m(cfg: dict, num_pairs: int, num_groups: int, rank: int) -> in
     return 16
 
 
-def choose_sorter(cfg: dict, num_pairs: int) -> str:
+def choose_sorter(cfg: dict, num_pairs: int, num_groups: int) -> str:
     """The one-program tl.sort up to onepass_sort_max_pairs, then the one-program counting sort
-    up to count1_max_pairs, then the four-launch counting sort (many programs)."""
+    up to count1_max_pairs (and count1_max_groups: its scan reads every group's counter), then
+    the four-launch counting sort (many programs)."""
     if num_pairs <= cfg["onepass_sort_max_pairs"]:
         return "onepass"
-    return "count1" if num_pairs <= cfg["count1_max_pairs"] else "count4"
+    if num_pairs <= cfg["count1_max_pairs"] and num_groups <= cfg["count1_max_groups"]:
+        return "count1"
+    return "count4"
 
 
 def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int):
@@ -94,7 +97,7 @@ def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank:
     if choose_mode(cfg, num_pairs, groups, rank) == "naive":
         return "tile-naive"
     bm = grouped_block_m(cfg, num_pairs, groups, rank)
-    return f"tile-grouped-BM{bm}-{choose_sorter(cfg, num_pairs)}"
+    return f"tile-grouped-BM{bm}-{choose_sorter(cfg, num_pairs, groups)}"
 
 
 def even_block_k(k: int, cap: int) -> int:

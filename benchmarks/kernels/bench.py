@@ -651,6 +651,8 @@ def main():
         torch=torch.__version__,
         triton=triton.__version__,
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        plan=_cfg(),  # the plan thresholds this run's "auto" used
+        grid_m=GRID_M,
     )
     try:
         vllm = vllm_ops.VllmLoRA()

@@ -4,7 +4,11 @@
 
 "ours" is the plan as shipped in kernels/configs/<GPU>.json: where the run timed a variant that
 the shipped plan now picks (a threshold set from this same run, e.g. the unrolled K-split sum),
-that variant's time from the same run is used, and the table says so.
+that variant's time from the same run is used, and the table says so. With --as-run, "ours" is
+the plan exactly as it ran ("auto"), whatever the config says now.
+
+--add-m 4096 --add-from OTHER.json appends the layer and single-call rows of those M from
+another run (e.g. cells a partial run did not time), read as run; the summary says how many.
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ import statistics
 from pathlib import Path
 
 from kernels.model_shapes import MODEL_SHAPES
-from kernels.triton_plan import plan_config
+from kernels.triton_plan import choose_sorter, plan_config
 
 
-def shipped_us(r: dict, cfg: dict) -> tuple[float, str]:
-    p = r["M"] * MODEL_SHAPES[r["model"]].top_k
-    if p <= cfg["unroll_ksplit_max_pairs"] and "ours_unrolled_us" in r:
+def shipped_us(r: dict, cfg: dict | None, ran: dict | None) -> tuple[float, str]:
+    """Our time under the plan `cfg` (None: as run), from a row timed under the plan `ran`
+    (the run's recorded thresholds; None: unknown, taken as round two's)."""
+    shape = MODEL_SHAPES[r["model"]]
+    p = r["M"] * shape.top_k
+    if cfg is None:
+        return r["ours_us"], ""
+    ran_unroll = (ran or {}).get("unroll_ksplit_max_pairs", 0)
+    if ran_unroll < p <= cfg["unroll_ksplit_max_pairs"] and "ours_unrolled_us" in r:
         return r["ours_unrolled_us"], "unrolled"
+    if "ours_count4_us" in r and r.get("our_path", "").endswith("-count1"):
+        if choose_sorter(cfg, p, r["adapters"] * shape.experts) == "count4":
+            return r["ours_count4_us"], "count4"
     return r["ours_us"], ""
 
 
@@ -38,7 +51,7 @@ def cell(r):
 def layer_rows(bench, cfg):
     rows = []
     for r in bench.get("layer", []):
-        us, how = shipped_us(r, cfg)
+        us, how = shipped_us(r, cfg, bench["info"].get("plan"))
         speed = r["vllm_us"] / us
         floor = r["floor_pct"] * r["ours_us"] / us
         rows.append({**r, "ship_us": us, "ship_how": how, "ship_x": speed, "ship_floor": floor})
@@ -48,7 +61,7 @@ def layer_rows(bench, cfg):
 def single_rows(bench, cfg):
     rows = []
     for r in bench.get("single", []):
-        us, how = shipped_us(r, cfg)
+        us, how = shipped_us(r, cfg, bench["info"].get("plan"))
         rows.append({**r, "ship_us": us, "ship_how": how, "ship_x": r["vllm_us"] / us})
     return rows
 
@@ -131,7 +144,8 @@ def side_by_side(layer, single):
     for k, r in key.items():
         w13 = sing.get((*k, "w13"), {})
         w2 = sing.get((*k, "w2"), {})
-        plan = r.get("our_path", "") + (" (unrolled sum)" if r["ship_how"] else "")
+        how = {"unrolled": " (unrolled sum)", "count4": " -> count4 (now)"}.get(r["ship_how"], "")
+        plan = r.get("our_path", "") + how
 
         def f(d, name, fmt):
             return format(d[name], fmt) if name in d else "-"
@@ -166,11 +180,27 @@ def tax_table(tax):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
+    ap.add_argument("--as-run", action="store_true", help="ours = the plan as it ran")
+    ap.add_argument(
+        "--add-m", default="", help="M values (comma-separated) to take from --add-from"
+    )
+    ap.add_argument("--add-from", default=None, help="another results file")
     args = ap.parse_args()
     data = json.loads(Path(args.results).read_text())
     bench = data["bench"]
-    cfg = plan_config(bench["info"]["gpu"])
+    cfg = None if args.as_run else plan_config(bench["info"]["gpu"])
     layer, single = layer_rows(bench, cfg), single_rows(bench, cfg)
+    if args.add_from:
+        ms = {int(v) for v in args.add_m.split(",") if v}
+        other = json.loads(Path(args.add_from).read_text())["bench"]
+        other = {k: [r for r in other.get(k, []) if r["M"] in ms] for k in ("layer", "single")}
+        other["info"] = {}
+        layer += layer_rows(other, None)
+        single += single_rows(other, None)
+        print(
+            f"(+ {len(other['layer'])} layer and {len(other['single'])} single-call rows of M in "
+            f"{sorted(ms)} from {args.add_from}, as run there)"
+        )
     tax = data.get("lora_tax", {}).get("rows", [])
     print(summary(layer, single, tax))
     print()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -136,7 +137,9 @@ class QuotaBook:
         self._clock = clock
         self._tenants: dict[str, _Tenant] = {}
         self._tickets: dict[int, tuple[str, float]] = {}  # ticket -> (tenant, admitted at)
-        self._ids = itertools.count(1)
+        # Random start: a ticket from before a restart of the book's actor, finished after it,
+        # must not free a request admitted since (ids are otherwise sequential).
+        self._ids = itertools.count(secrets.randbits(62))
 
     def set_limits(self, tenant: str, limits: TenantLimits) -> None:
         """Set or change a tenant's limits; in-flight requests, bucket levels and debt stay."""

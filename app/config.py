@@ -18,11 +18,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from app.builtin_model import BUILTIN_MODEL_NAME
+from app.adapter_files import AdapterStorageConfig
+from app.builtin_model import BUILTIN, BUILTIN_MODEL_NAME, cache_root
+from app.quotas import TenantLimits
 from app.request_policy import RequestLimits
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-BUILTIN = "builtin"  # engine.model: the built-in model; adapter path "builtin:<name>": its adapters
 
 
 class _Strict(BaseModel):
@@ -33,6 +34,9 @@ class TenantConfig(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     # sha256 of each valid API key; rotate keys by listing old and new digests together.
     api_key_sha256: list[str] = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0, description="share of a saturated engine, in tokens")
+    priority: Literal["interactive", "batch"] = "interactive"
+    limits: TenantLimits = Field(default_factory=TenantLimits)
 
     @field_validator("api_key_sha256")
     @classmethod
@@ -44,8 +48,9 @@ class TenantConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    """A LoRA adapter in PEFT format. `path` is a local directory, or `builtin:<name>` for a demo
-    adapter of the built-in model. Owned by one tenant, or `shared` with every tenant."""
+    """A LoRA adapter in PEFT format. `path` is an s3:// prefix, an absolute local directory (on
+    every engine node), or `builtin:<name>` for a demo adapter of the built-in model. Owned by one
+    tenant (its name is local to that tenant), or `shared` with every tenant."""
 
     name: str = Field(pattern=NAME_PATTERN)
     path: str
@@ -98,6 +103,9 @@ class EngineDeploymentConfig(_Strict):
     # routed around it sooner, from its routing stats and its refusals (app/dispatch.py).
     health_check_period_s: float = Field(default=1.0, gt=0)
     health_check_timeout_s: float = Field(default=10.0, gt=0)
+    # A replica being stopped (scale-down, redeploy, shutdown) takes no new requests and gets
+    # this long to finish the ones it has: long generations must not be cut.
+    graceful_shutdown_timeout_s: float = Field(default=120.0, ge=0)
     env_vars: dict[str, str] = Field(default_factory=dict)
 
 
@@ -119,6 +127,23 @@ class RoutingConfig(_Strict):
     stats_period_s: float = Field(default=1.0, gt=0)
 
 
+class AdminConfig(_Strict):
+    """The admin API (app/admin_api.py): on only when at least one admin key digest is set."""
+
+    api_key_sha256: list[str] = Field(default_factory=list)
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _hex_digests(cls, digests: list[str]) -> list[str]:
+        return TenantConfig._hex_digests(digests)
+
+
+class RegistryConfig(_Strict):
+    """Where the tenant and adapter registry is kept (SQLite; app/registry.py)."""
+
+    path: str | None = None  # default: <the built-in model's cache root>/registry.sqlite
+
+
 class AppConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
@@ -128,13 +153,19 @@ class AppConfig(_Strict):
     adapters: list[AdapterConfig] = Field(default_factory=list)
     retry_after_s: int = Field(default=2, ge=1)
     request_limits: RequestLimits = Field(default_factory=RequestLimits)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    adapter_storage: AdapterStorageConfig = Field(default_factory=AdapterStorageConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:
         tenant_names = [t.name for t in self.tenants]
         _no_duplicates(tenant_names, "tenants")
-        _no_duplicates([d for t in self.tenants for d in t.api_key_sha256], "api_key_sha256")
-        _no_duplicates([a.name for a in self.adapters], "adapters")
+        _no_duplicates(
+            [d for t in self.tenants for d in t.api_key_sha256] + self.admin.api_key_sha256,
+            "api_key_sha256",
+        )
+        _no_duplicates([f"{a.owner or '(shared)'}/{a.name}" for a in self.adapters], "adapters")
         for a in self.adapters:
             if a.owner is not None and a.owner not in tenant_names:
                 raise ValueError(f"adapter {a.name!r}: owner {a.owner!r} is not a declared tenant")
@@ -143,9 +174,8 @@ class AppConfig(_Strict):
         return self
 
     @property
-    def adapter_paths(self) -> dict[str, str]:
-        """What the engine needs of the adapters: where each one's files are."""
-        return {a.name: a.path for a in self.adapters}
+    def registry_path(self) -> str:
+        return self.registry.path or str(cache_root() / "registry.sqlite")
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> AppConfig:

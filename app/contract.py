@@ -10,9 +10,10 @@ One engine method per OpenAI endpoint (`chat`, `completion`), each an async gene
                                    consumer is behind, never split)
     ReplyTail                      only when head.kind is STREAM, always last: token counts
 
-The adapter travels once, as the handle's multiplexed model id (the request router places the
-request by it; the engine reads it with `serve.get_multiplexed_model_id()`). The vLLM protocol
-request's `model` is the same name, because vLLM's serving layer looks the adapter up by it.
+The adapter travels in a `RequestContext` argument beside the request, its `engine_name` also
+being the handle's multiplexed model id (the request router places the request by it). The request's
+`model` stays the name the client sent; the engine swaps in the engine name for vLLM's serving
+layer (which looks the LoRA up by it) and swaps the client's name back into the reply.
 
 JSON bodies cross the hop already serialised (bytes), so the ingress sends them without
 re-encoding vLLM's objects.
@@ -33,6 +34,30 @@ class ReplyKind(enum.Enum):
     STREAM = "stream"  # SSE text items follow, then a ReplyTail
     JSON = "json"  # body is the whole response
     ERROR = "error"  # body is an OpenAI-style error; status is its HTTP status
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """The adapter version a request runs with, as the registry knows it: `engine_name` is
+    unique per version (vLLM's LoRA name, and the handle's multiplexed model id, so routing
+    follows versions too); `uri` is where its files are; `sha256` the digest validated at
+    registration (empty: not pinned). Sent with every request, so a replica needs no registry
+    lookup to load an adapter it has not seen."""
+
+    engine_name: str
+    uri: str
+    sha256: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """What an engine needs to know of a request besides the request itself: the adapter
+    version, and whose request it is (for fair sharing of the replica among tenants)."""
+
+    adapter: AdapterRef | None
+    tenant: str
+    weight: float = 1.0
+    priority: int = 0  # 0 interactive, 1 batch
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from app.contract import Accepted, EngineUnavailable, ReplyHead, ReplyItem
+from app.contract import Accepted, EngineUnavailable, ReplyHead, ReplyItem, RequestContext
 from app.logs import get_logger
 
 logger = get_logger("dispatch")
@@ -69,8 +69,13 @@ class EngineClient:
                 self._by_adapter.popitem(last=False)
         return handle
 
-    def call(self, endpoint: Endpoint, request, adapter: str | None) -> Replies:
-        return getattr(self._configured(adapter or ""), endpoint).remote(request)
+    async def validate_adapter(self, uri: str) -> dict:
+        """Fetch and validate an adapter on one engine replica (app/admin_api.py)."""
+        return await self._handle.options(stream=False).validate_adapter.remote(uri)
+
+    def call(self, endpoint: Endpoint, request, context: RequestContext) -> Replies:
+        adapter = context.adapter.engine_name if context.adapter else ""
+        return getattr(self._configured(adapter), endpoint).remote(request, context)
 
 
 class FleetWatch:
@@ -106,7 +111,7 @@ async def dispatch(
     engine: EngineClient,
     endpoint: Endpoint,
     request,
-    adapter: str | None,
+    context: RequestContext,
     *,
     accept_timeout_s: float,
     attempts: int,
@@ -119,7 +124,7 @@ async def dispatch(
     for attempt in range(1, attempts + 1):
         if fleet is not None and not fleet.has_engine():
             raise NoEngine("no engine replica is running")
-        replies = engine.call(endpoint, request, adapter)
+        replies = engine.call(endpoint, request, context)
         try:
             accepted = await _first_reply(replies, deadline, fleet)
         except (BackPressureError, DeploymentUnavailableError) as exc:

@@ -18,26 +18,34 @@ import asyncio
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from ray import serve
 
+from app.adapter_files import AdapterFiles, AdapterStorageConfig
+from app.adapter_store import AdapterFetchError
+from app.adapter_validation import AdapterRejected
 from app.config import EngineConfig
 from app.contract import (
     Accepted,
+    AdapterRef,
     AutoscalingStat,
     EngineUnavailable,
     ReplyHead,
     ReplyItem,
     ReplyKind,
     ReplyTail,
+    RequestContext,
     RoutingStats,
 )
+from app.fair_queue import FairQueue
 from app.logs import get_logger
-from app.model_files import resolve_adapter_path, resolve_model_path
+from app.model_files import resolve_model_path
+from app.openai_errors import error_body
 from app.replica_env import reset_niceness
 
 logger = get_logger("engine")
@@ -157,6 +165,47 @@ async def coalesce(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         pumping.cancel()
 
 
+@dataclass(frozen=True)
+class ModelNames:
+    """The model name the client sent and the one vLLM knows the adapter version by (unique per
+    tenant and version, e.g. `acme/support/v3`): vLLM writes its name into every reply, the
+    client gets its own back. A plain text swap of the JSON member: vLLM serialises it compactly
+    and names are plain ASCII, so there is no other spelling to miss."""
+
+    client: str
+    engine: str
+
+    def to_client(self, text: str) -> str:
+        if self.client == self.engine:
+            return text
+        return text.replace(
+            f'"model":{json.dumps(self.engine)}', f'"model":{json.dumps(self.client)}'
+        )
+
+
+def fair_reserve(seats: int) -> int:
+    """Seats no single tenant may take, so that another tenant's request starts at once even
+    while one tenant floods the replica: an eighth of them, at least one (none if only one)."""
+    return 0 if seats < 2 else max(1, seats // 8)
+
+
+def reserved_tokens(request) -> float:
+    """What a request may cost, in tokens, before it runs (fair sharing charges this when it
+    starts and corrects it when it ends): a prompt estimate (about 4 characters a token) plus
+    every sequence's output budget."""
+    prompt = getattr(request, "prompt", None)
+    if prompt is None:
+        prompt = getattr(request, "messages", "")
+    prompt_tokens = len(str(prompt)) / 4
+    max_out = getattr(request, "max_completion_tokens", None) or request.max_tokens or 256
+    return prompt_tokens + max_out * (request.n or 1)
+
+
+def _error_head(status: HTTPStatus, message: str) -> ReplyHead:
+    body = json.dumps(error_body(status, message)).encode()
+    return ReplyHead(ReplyKind.ERROR, status, body)
+
+
 def _serving_request():
     """The `raw_request` vLLM's serving methods take: a server-made Starlette request with no
     client headers (a client never reaches vLLM's header-driven knobs such as priority or
@@ -167,18 +216,22 @@ def _serving_request():
 
 
 class VLLMEngine:
-    """The vLLM engine, its OpenAI serving objects and this replica's adapter catalogue."""
+    """The vLLM engine, its OpenAI serving objects and the adapter versions it has loaded."""
 
-    def __init__(self, cfg: EngineConfig, adapter_paths: dict[str, str], replica_id: str = ""):
+    def __init__(self, cfg: EngineConfig, storage: AdapterStorageConfig, replica_id: str = ""):
         self.cfg = cfg
-        self.adapter_paths = adapter_paths
         self.replica_id = replica_id
         self.load = SchedulerLoad()
+        self.adapter_files = AdapterFiles(resolve_model_path(cfg.model), cfg.max_lora_rank, storage)
         self.engine = None
         self.serving_chat = None
         self.serving_completion = None
         self.models = None
         self._adapter_locks: dict[str, asyncio.Lock] = {}
+        self._in_flight: Counter[str] = Counter()  # requests per adapter engine name
+        # vLLM runs max_num_seqs sequences at once; the rest wait here, served fairly among
+        # tenants (by weight, in tokens) instead of first come, first served.
+        self.fair_queue = FairQueue(cfg.max_num_seqs, reserve=fair_reserve(cfg.max_num_seqs))
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -210,40 +263,62 @@ class VLLMEngine:
         self.serving_completion = state.openai_serving_completion
         self.models = state.openai_serving_models
 
-    async def ensure_adapter(self, name: str | None):
-        """Register the adapter with vLLM on first use; vLLM then loads and caches it (LRU over
-        max_cpu_loras in memory, max_loras slots per batch). Returns an ErrorResponse or None."""
+    async def ensure_adapter(self, ref: AdapterRef | None) -> ReplyHead | None:
+        """Load the adapter version into vLLM on first use (fetched and validated on this node;
+        vLLM then caches it: LRU over max_cpu_loras in memory, max_loras slots per batch). An
+        error head if it cannot be loaded, else None."""
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
-        if name is None or name in self.models.lora_requests:
+        if ref is None or ref.engine_name in self.models.lora_requests:
             return None
-        path = self.adapter_paths.get(name)
-        if path is None:  # the ingress resolved it, so the catalogues disagree: a deploy bug
-            raise KeyError(f"adapter {name!r} is not in this replica's catalogue")
-        async with self._adapter_locks.setdefault(name, asyncio.Lock()):
-            if name in self.models.lora_requests:  # a concurrent request loaded it meanwhile
+        async with self._adapter_locks.setdefault(ref.engine_name, asyncio.Lock()):
+            if ref.engine_name in self.models.lora_requests:  # loaded meanwhile
                 return None
             t0 = time.monotonic()
+            try:
+                path = await asyncio.to_thread(self.adapter_files.local_copy, ref.uri, ref.sha256)
+            except (AdapterFetchError, AdapterRejected) as exc:
+                logger.error("adapter %s cannot be loaded: %s", ref.engine_name, exc)
+                return _error_head(
+                    HTTPStatus.SERVICE_UNAVAILABLE, f"The adapter cannot be loaded: {exc}"
+                )
             result = await self.models.load_lora_adapter(
-                LoadLoRAAdapterRequest(lora_name=name, lora_path=resolve_adapter_path(path))
+                LoadLoRAAdapterRequest(lora_name=ref.engine_name, lora_path=str(path))
             )
-            logger.info("adapter %s registered in %.3fs", name, time.monotonic() - t0)
-        return result if not isinstance(result, str) else None
+            logger.info("adapter %s loaded in %.3fs", ref.engine_name, time.monotonic() - t0)
+        if not isinstance(result, str):
+            return ReplyHead(ReplyKind.ERROR, result.error.code, result.model_dump_json().encode())
+        self._retire_older_versions(ref.engine_name)
+        return None
+
+    def _retire_older_versions(self, engine_name: str) -> None:
+        """Unload earlier versions of the same adapter once nothing runs on them: requests in
+        flight finish on the version they started with, new ones get the new version."""
+        family = engine_name.rpartition("/")[0] + "/"
+        for name in list(self.models.lora_requests):
+            if name.startswith(family) and name != engine_name and not self._in_flight[name]:
+                asyncio.get_running_loop().create_task(self._unload(name))
+
+    async def _unload(self, name: str) -> None:
+        from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
+
+        await self.models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        logger.info("adapter %s unloaded (replaced by a newer version)", name)
 
     async def cpu_resident_adapters(self) -> list[str]:
         ids = await self.engine.list_loras()
         return [n for n, r in self.models.lora_requests.items() if r.lora_int_id in ids]
 
-    def chat(self, request, adapter: str | None) -> AsyncIterator[ReplyItem]:
+    def chat(self, request, context: RequestContext) -> AsyncIterator[ReplyItem]:
         serving = self.serving_chat
-        return self._reply(serving, serving.create_chat_completion, request, adapter)
+        return self._reply(serving, serving.create_chat_completion, request, context)
 
-    def completion(self, request, adapter: str | None) -> AsyncIterator[ReplyItem]:
+    def completion(self, request, context: RequestContext) -> AsyncIterator[ReplyItem]:
         serving = self.serving_completion
-        return self._reply(serving, serving.create_completion, request, adapter)
+        return self._reply(serving, serving.create_completion, request, context)
 
     async def _reply(
-        self, serving, create: Callable[..., Awaitable[Any]], request, adapter: str | None
+        self, serving, create: Callable[..., Awaitable[Any]], request, context: RequestContext
     ) -> AsyncIterator[ReplyItem]:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
@@ -251,44 +326,62 @@ class VLLMEngine:
             # Before Accepted: the ingress retries elsewhere instead of answering an error.
             raise EngineUnavailable(self.replica_id)
         yield Accepted(self.replica_id)
+        adapter = context.adapter
         error = await self.ensure_adapter(adapter)
         if error is not None:
-            yield self._error_head(error)
+            yield error
             return
-        raw_request = _serving_request()
+        names = ModelNames(request.model, adapter.engine_name if adapter else request.model)
+        request.model = names.engine
+        in_flight = adapter.engine_name if adapter else ""
+        seat = await self.fair_queue.acquire(
+            context.tenant,
+            weight=context.weight,
+            priority=context.priority,
+            seats=request.n or 1,
+            cost=reserved_tokens(request),
+        )
+        self._in_flight[in_flight] += 1
+        used_tokens = None
         try:
-            result = await create(request, raw_request)
-        except Exception as exc:  # noqa: BLE001 - vLLM maps its validation errors to 400s
-            # The same mapping vLLM's own API server applies to exceptions from these calls.
-            result = serving.create_error_response(exc)
-        if isinstance(result, ErrorResponse):
-            yield self._error_head(result)
-        elif hasattr(result, "__aiter__"):
-            yield ReplyHead(ReplyKind.STREAM)
-            async for chunk in coalesce(result):
-                yield chunk
-            usage = getattr(raw_request.state, "request_metadata", None)
-            usage = usage.final_usage_info if usage is not None else None
-            yield ReplyTail(
-                usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None
-            )
-        else:
-            usage = result.usage
-            yield ReplyHead(
-                ReplyKind.JSON,
-                body=result.model_dump_json().encode(),
-                prompt_tokens=usage.prompt_tokens if usage else None,
-                completion_tokens=usage.completion_tokens if usage else None,
-            )
+            raw_request = _serving_request()
+            try:
+                result = await create(request, raw_request)
+            except Exception as exc:  # noqa: BLE001 - vLLM maps its validation errors to 400s
+                # The same mapping vLLM's own API server applies to exceptions from these calls.
+                result = serving.create_error_response(exc)
+            if isinstance(result, ErrorResponse):
+                body = names.to_client(result.model_dump_json())
+                yield ReplyHead(ReplyKind.ERROR, result.error.code, body.encode())
+            elif hasattr(result, "__aiter__"):
+                yield ReplyHead(ReplyKind.STREAM)
+                async for chunk in coalesce(result):
+                    yield names.to_client(chunk)
+                usage = getattr(raw_request.state, "request_metadata", None)
+                usage = usage.final_usage_info if usage is not None else None
+                used_tokens = usage.total_tokens if usage else None
+                yield ReplyTail(
+                    usage.prompt_tokens if usage else None,
+                    usage.completion_tokens if usage else None,
+                )
+            else:
+                usage = result.usage
+                used_tokens = usage.total_tokens if usage else None
+                yield ReplyHead(
+                    ReplyKind.JSON,
+                    body=names.to_client(result.model_dump_json()).encode(),
+                    prompt_tokens=usage.prompt_tokens if usage else None,
+                    completion_tokens=usage.completion_tokens if usage else None,
+                )
+        finally:
+            self._in_flight[in_flight] -= 1
+            self.fair_queue.release(seat, used_tokens)
 
     @property
     def serving(self) -> bool:
         """False once vLLM's engine has failed (e.g. EngineCore died); it never recovers, and
-        Ray replaces the replica after its health checks fail (`check_health`)."""
+        the replica then exits (EngineDeployment) so that Ray replaces it."""
         return self.engine is not None and not self.engine.errored
-
-    def _error_head(self, error) -> ReplyHead:
-        return ReplyHead(ReplyKind.ERROR, error.error.code, error.model_dump_json().encode())
 
     async def routing_stats(self) -> RoutingStats:
         if not self.serving:
@@ -308,10 +401,10 @@ class VLLMEngine:
 class EngineDeployment:
     """Ray Serve replica around one VLLMEngine: one method per endpoint (app/contract.py)."""
 
-    async def __init__(self, engine: EngineConfig, adapter_paths: dict[str, str]):
+    async def __init__(self, engine: EngineConfig, storage: AdapterStorageConfig):
         reset_niceness()  # before vLLM starts its processes: they inherit it
         replica_id = serve.get_replica_context().replica_id.unique_id
-        self.llm = VLLMEngine(engine, adapter_paths, replica_id)
+        self.llm = VLLMEngine(engine, storage, replica_id)
         # Start the engine in the constructor: the replica counts as running (and gets traffic)
         # only once vLLM is ready to serve.
         t0 = time.monotonic()
@@ -333,13 +426,22 @@ class EngineDeployment:
 
     # Async generator methods, so Ray Serve streams them on its event loop (a plain method
     # returning a generator would count as a sync method).
-    async def chat(self, request) -> AsyncIterator[ReplyItem]:
-        async for item in self.llm.chat(request, serve.get_multiplexed_model_id() or None):
+    async def chat(self, request, context: RequestContext) -> AsyncIterator[ReplyItem]:
+        async for item in self.llm.chat(request, context):
             yield item
 
-    async def completion(self, request) -> AsyncIterator[ReplyItem]:
-        async for item in self.llm.completion(request, serve.get_multiplexed_model_id() or None):
+    async def completion(self, request, context: RequestContext) -> AsyncIterator[ReplyItem]:
+        async for item in self.llm.completion(request, context):
             yield item
+
+    async def validate_adapter(self, uri: str) -> dict[str, Any]:
+        """For registration (app/admin_api.py): fetch and validate on an engine node, where the
+        base model is. The validated facts, or {"error": <the problem>}."""
+        try:
+            _, adapter = await asyncio.to_thread(self.llm.adapter_files.validated, uri)
+        except (AdapterFetchError, AdapterRejected) as exc:
+            return {"error": str(exc)}
+        return {"sha256": adapter.sha256, "rank": adapter.rank, "size_bytes": adapter.size_bytes}
 
     async def record_routing_stats(self) -> dict[str, Any]:
         return (await self.llm.routing_stats()).as_dict()

@@ -2,13 +2,16 @@
 
 Order of checks for a generation request, each answered with an OpenAI-style JSON error
 (app/openai_errors.py):
-  1. API key -> tenant (401),                                         app/tenants.py
-  2. body -> vLLM's own protocol model (400),
-  3. `model` -> base model or an adapter this tenant may use (404, identical for a name that
-     does not exist and another tenant's adapter),                    app/adapters.py
-  4. dispatch through the engine deployment's handle, the adapter as multiplexed model id, so
-     the adapter-aware request router (app/request_router.py) can place it; retried on another
-     replica if one cannot serve; 503 + Retry-After when none takes it. app/dispatch.py
+  1. API key -> tenant (401; 403 if disabled),                        app/tenancy.py
+  2. body -> vLLM's own protocol model, field allowlist and limits (400), app/request_policy.py
+  3. `model` -> base model, the tenant's own adapter, or a shared one (404, identical for a name
+     that does not exist and another tenant's adapter),              app/tenancy.py
+  4. the tenant's ceilings (400/403) and rates (429 + Retry-After),   app/quotas.py
+  5. dispatch through the engine deployment's handle with the adapter version as multiplexed
+     model id, so the adapter-aware request router (app/request_router.py) can place it;
+     retried on another replica if one cannot serve; 503 + Retry-After when none takes it.
+                                                                       app/dispatch.py
+Admin routes (/admin/v1, their own credential) are app/admin_api.py.
 Deeper validation (sampling ranges, context length) is vLLM's, in the engine, returned as is.
 
 `build_api` makes the FastAPI app from its dependencies (testable without Ray); `Ingress` is
@@ -24,12 +27,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from app.adapters import AdapterCatalog, ModelNotFound
+from app.admin_api import build_admin_router
 from app.contract import ReplyKind, ReplyTail
 from app.dispatch import (
     Endpoint,
@@ -53,6 +56,8 @@ from app.openai_errors import (
     too_large,
     unauthorized,
 )
+from app.quotas import check_request_limits
+from app.registry_service import TenantView
 from app.replica_env import reset_niceness
 from app.request_log import AccessLogMiddleware, RequestRecord
 from app.request_policy import (
@@ -62,7 +67,7 @@ from app.request_policy import (
     check_limits,
     tenant_cache_salt,
 )
-from app.tenants import TenantDirectory
+from app.tenancy import Caller, Refused, Tenancy
 
 logger = get_logger("ingress")
 
@@ -81,6 +86,32 @@ def materialized(value):
     if isinstance(value, Iterator):
         return [materialized(v) for v in value]
     return value
+
+
+def prompt_chars(request) -> int:
+    """Prompt length in characters (the ingress does not tokenize)."""
+    prompt = getattr(request, "prompt", None)
+    if prompt is None:  # chat: messages are dicts or pydantic models, content text or parts
+        contents = (
+            m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+            for m in request.messages
+        )
+        return sum(len(str(c or "")) for c in contents)
+    return len(prompt) if isinstance(prompt, str) else len(str(prompt))
+
+
+def refusal_response(refused: Refused) -> Response:
+    if refused.status == HTTPStatus.UNAUTHORIZED:
+        return unauthorized()
+    return error_response(refused.status, refused.message, refused.param)
+
+
+def rate_limited(admission) -> Response:
+    response = error_response(
+        429, f"Rate limit reached for this tenant (limit {admission.limit}).", admission.limit
+    )
+    response.headers["Retry-After"] = str(admission.retry_after_header)
+    return response
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -170,14 +201,17 @@ async def serve_readiness(engine_deployment: str = "Engine") -> tuple[bool, dict
 
 def build_api(
     engine: EngineClient,
-    tenants: TenantDirectory,
-    catalog: AdapterCatalog,
+    tenancy: Tenancy,
     retry_after_s: int,
     limits: RequestLimits | None = None,
     readiness: Readiness | None = None,
     on_request_done: Callable[[RequestRecord], None] | None = None,
     fleet: FleetWatch | None = None,
+    quotas=None,
+    admin: APIRouter | None = None,
 ) -> FastAPI:
+    """`quotas`: the Quotas deployment's handle (rate limits; None: not enforced); `admin`: the
+    admin API's routes (app/admin_api.py), mounted when an admin key is configured."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
@@ -188,13 +222,22 @@ def build_api(
     # No public schema or docs pages: the API is OpenAI's, documented there and in the README.
     api = FastAPI(title="moelora-serve", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(api)
-    api.add_middleware(AccessLogMiddleware, on_done=on_request_done)
 
-    def tenant_of(request: Request):
-        # Two Authorization headers are refused, not resolved: which one a proxy in front
-        # keeps is not ours to guess.
-        values = request.headers.getlist("authorization")
-        return tenants.authenticate(values[0]) if len(values) == 1 else None
+    def request_done(record: RequestRecord) -> None:
+        if record.quota_ticket is not None and quotas is not None:
+            tokens = (record.prompt_tokens or 0) + (record.completion_tokens or 0)
+            quotas.finish.remote(record.quota_ticket, tokens)
+        if on_request_done is not None:
+            on_request_done(record)
+
+    api.add_middleware(AccessLogMiddleware, on_done=request_done)
+    if admin is not None:
+        api.include_router(admin)
+
+    def caller_of(request: Request) -> Caller:
+        caller = tenancy.authenticate(request.headers.getlist("authorization"))
+        request.state.record.tenant = caller.name
+        return caller
 
     @api.get("/health")
     async def health() -> Response:
@@ -211,23 +254,23 @@ def build_api(
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
-        tenant = tenant_of(request)
-        if tenant is None:
-            return unauthorized()
-        request.state.record.tenant = tenant.name
-        base = catalog.base_model
+        try:
+            caller = caller_of(request)
+        except Refused as refused:
+            return refusal_response(refused)
+        base = tenancy.base_model
         cards = [ModelCard(id=base, root=base, owned_by="moelora-serve")]
-        for a in catalog.visible_to(tenant):
-            owner = "shared" if a.shared else tenant.name
+        for a in tenancy.visible(caller):
+            owner = "shared" if a.owner is None else caller.name
             cards.append(ModelCard(id=a.name, root=a.name, parent=base, owned_by=owner))
         return JSONResponse(ModelList(data=cards).model_dump())
 
     async def generate(endpoint: Endpoint, http_request: Request) -> Response:
         record: RequestRecord = http_request.state.record
-        tenant = tenant_of(http_request)
-        if tenant is None:
-            return unauthorized()
-        record.tenant = tenant.name
+        try:
+            caller = caller_of(http_request)
+        except Refused as refused:
+            return refusal_response(refused)
         try:
             body = json.loads(await read_body(http_request, limits))
         except BodyRejected as rejected:
@@ -258,19 +301,35 @@ def build_api(
             return bad_request("messages must not be empty.", "messages")
         if request.model is None:
             return bad_request("model is required.", "model")
-        request.cache_salt = tenant_cache_salt(tenant.name, request.cache_salt)
+        request.cache_salt = tenant_cache_salt(caller.name, request.cache_salt)
         try:
-            adapter = catalog.resolve(request.model, tenant)
-        except ModelNotFound:
+            adapter = tenancy.resolve(caller, request.model)
+        except Refused:
             return model_not_found(request.model)
         record.model, record.stream = request.model, bool(request.stream)
+        ceiling = check_request_limits(
+            caller.limits,
+            max_tokens=getattr(request, "max_completion_tokens", None) or request.max_tokens,
+            n=request.n,
+            prompt_chars=prompt_chars(request),
+            model=request.model,
+        )
+        if ceiling is not None:
+            return error_response(403 if "allowed_models" in ceiling else 400, ceiling)
+        if request.max_tokens is None and caller.limits.max_tokens is not None:
+            request.max_tokens = caller.limits.max_tokens
+        if caller.rate_limited and quotas is not None:
+            admission = await quotas.admit.remote(caller.name, caller.limits)
+            if not admission.admitted:
+                return rate_limited(admission)
+            record.quota_ticket = admission.ticket
 
         try:
             accepted, head, replies = await dispatch(
                 engine,
                 endpoint,
                 request,
-                adapter,
+                caller.context(adapter),
                 accept_timeout_s=limits.accept_timeout_s,
                 attempts=limits.dispatch_attempts,
                 fleet=fleet,
@@ -307,25 +366,36 @@ class Ingress:
     """The Ray Serve deployment serving `build_api`'s app; one replica holds many requests (it
     only awaits engines), more replicas add HTTP parsing capacity, not model capacity."""
 
-    def __init__(
+    async def __init__(
         self,
         engine,
-        tenants: TenantDirectory,
-        catalog: AdapterCatalog,
+        registry,
+        quotas,
+        base_model: str,
         retry_after_s: int,
         limits: RequestLimits,
+        admin_key_digests: list[str],
     ):
         reset_niceness()
         metrics = RequestMetrics()
+        view = TenantView(registry, await registry.snapshot.remote())
+        view.start()
+        engines = EngineClient(engine)
+        admin = None
+        if admin_key_digests:
+            admin = build_admin_router(
+                registry, engines.validate_adapter, view, admin_key_digests, base_model
+            )
         self._api = build_api(
-            EngineClient(engine),
-            tenants,
-            catalog,
+            engines,
+            Tenancy(view, base_model),
             retry_after_s,
             limits,
             serve_readiness,
             metrics.observe,
             FleetWatch(serve_readiness),
+            quotas,
+            admin,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

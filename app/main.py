@@ -1,8 +1,9 @@
 """`import_path: app.main:build_app` of serve_config.yaml: the ingress in front of the engines.
 
 The config is validated here, once; each deployment is bound with the typed pieces it needs:
-the engine its settings and adapter paths, the ingress tenants (key digests), adapter names and
-ownership, and a handle to the engine deployment.
+the engine its settings and where to keep adapters; the Registry (tenants, keys, adapters; a
+SQLite file) what the config declares, to seed it; the ingress handles to the engines, the
+Registry and the Quotas replica, and its request policies.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from typing import Any
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from app.adapters import AdapterCatalog
 from app.config import AppConfig
 from app.engine import EngineDeployment, engine_env_vars
 from app.ingress import Ingress
+from app.quota_service import QuotaService
+from app.registry_service import RegistryService
 from app.replica_env import with_replica_env
-from app.tenants import TenantDirectory
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -30,6 +31,7 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options=with_replica_env(dep.ray_actor_options, engine_env_vars(dep.env_vars)),
         health_check_period_s=dep.health_check_period_s,
         health_check_timeout_s=dep.health_check_timeout_s,
+        graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
         request_router_config=RequestRouterConfig(
             request_router_class="app.request_router:AdapterAffinityRequestRouter",
             request_router_kwargs={"imbalance_threshold": cfg.routing.imbalance_threshold},
@@ -40,7 +42,12 @@ def build_app(args: dict[str, Any]) -> Application:
         options["autoscaling_config"] = dep.autoscaling_config
     else:
         options["num_replicas"] = dep.num_replicas
-    engine = EngineDeployment.options(**options).bind(cfg.engine, cfg.adapter_paths)
+    engine = EngineDeployment.options(**options).bind(cfg.engine, cfg.adapter_storage)
+    # Small shared state, no model: no CPU reserved, so they fit beside the engines anywhere.
+    registry = RegistryService.options(ray_actor_options={"num_cpus": 0}).bind(
+        cfg.registry_path, cfg.tenants, cfg.adapters, (cfg.engine.served_model_name,)
+    )
+    quotas = QuotaService.options(ray_actor_options={"num_cpus": 0}).bind()
     ingress = cfg.ingress
     return Ingress.options(
         num_replicas=ingress.num_replicas,
@@ -48,8 +55,10 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options=with_replica_env(ingress.ray_actor_options, {}),
     ).bind(
         engine,
-        TenantDirectory(cfg.tenants),
-        AdapterCatalog(cfg.engine.served_model_name, cfg.adapters),
+        registry,
+        quotas,
+        cfg.engine.served_model_name,
         cfg.retry_after_s,
         cfg.request_limits,
+        cfg.admin.api_key_sha256,
     )

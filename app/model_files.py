@@ -8,8 +8,7 @@ a path.
 
 from __future__ import annotations
 
-from app.builtin_model import ensure_builtin_model
-from app.config import BUILTIN
+from app.builtin_model import BUILTIN, ensure_builtin_model
 
 
 def resolve_model_path(model: str) -> str:

@@ -26,6 +26,7 @@ _TYPE_BY_STATUS = {
     HTTPStatus.NOT_FOUND: "NotFoundError",
     HTTPStatus.METHOD_NOT_ALLOWED: "MethodNotAllowedError",
     HTTPStatus.REQUEST_TIMEOUT: "RequestTimeoutError",
+    HTTPStatus.CONFLICT: "ConflictError",
     HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "RequestTooLargeError",
     HTTPStatus.UNPROCESSABLE_ENTITY: "BadRequestError",
     HTTPStatus.TOO_MANY_REQUESTS: "RateLimitError",
@@ -41,17 +42,19 @@ def echo(text: object) -> str:
     return s + "…" if len(str(text)) > MAX_ECHO_CHARS else s
 
 
-def error_body(status: HTTPStatus, message: str, param: str | None = None) -> dict:
+def error_body(status: HTTPStatus | int, message: str, param: str | None = None) -> dict:
+    status = HTTPStatus(status)
     err_type = _TYPE_BY_STATUS.get(status, "Error")
     return {"error": {"message": message, "type": err_type, "param": param, "code": status.value}}
 
 
 def error_response(
-    status: HTTPStatus,
+    status: HTTPStatus | int,
     message: str,
     param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    status = HTTPStatus(status)
     return JSONResponse(
         error_body(status, message, param), status_code=status.value, headers=headers
     )

@@ -720,6 +720,11 @@ def _check_adapter_fields(
     uri: object, sha256: object, rank: object, size_bytes: object
 ) -> tuple[str, str, int, int]:
     _check_uri(uri)
+    # An adapter declared in the config is registered unvalidated, with no digest (sha256 "",
+    # rank 0): the engine that first loads it validates it (app/adapter_files.py). Adapters
+    # registered through the admin API are validated first and always carry both.
+    if sha256 == "" and rank == 0:
+        return uri, sha256, rank, size_bytes  # type: ignore[return-value]
     _check_digest(sha256, "adapter sha256")
     for value, what, least in ((rank, "rank", 1), (size_bytes, "size_bytes", 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -50,6 +50,7 @@ class RequestRecord:
     ttft_ms: float | None = None  # streams: time to the first chunk sent
     rejected_client_request_id: bool = False
     started: float = field(default_factory=time.perf_counter, repr=False)
+    quota_ticket: int | None = field(default=None, repr=False)  # returned when the request ends
 
 
 def incoming_request_id(scope: Scope) -> str | None:
@@ -94,7 +95,7 @@ class AccessLogMiddleware:
         finally:
             record.latency_ms = round((time.perf_counter() - record.started) * 1000, 2)
             fields = asdict(record)
-            fields.pop("started")
+            fields.pop("started"), fields.pop("quota_ticket")
             logger.info(json.dumps({"event": "request", **fields}))
             if self.on_done is not None:
                 self.on_done(record)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.builtin_model import DEMO_ADAPTERS, SHARED_DEMO_ADAPTER
+from app.builtin_model import SHARED_DEMO_ADAPTER
 from tests.integration.app_under_test import (
     BASE,
     BASE_URL,
@@ -259,11 +259,13 @@ def test_adapters_are_listed_as_resident_by_the_engines(server):
 
     handle = serve.get_deployment_handle("Engine", app_name="moelora")
     stats = handle.record_routing_stats.remote().result()
+    # Engines know adapters by version: "<owner>/<name>/v<version>", "_shared/<name>/v1".
+    expected = {f"{owner}/{name}/v1" for owner, name in OWN_ADAPTER.items()}
+    expected.add(f"_shared/{SHARED_DEMO_ADAPTER}/v1")
     assert stats["cpu_adapters"]
-    assert set(stats["cpu_adapters"]) <= set(OWN_ADAPTER.values()) | {SHARED_DEMO_ADAPTER}
+    assert set(stats["cpu_adapters"]) <= expected
     assert len(stats["accelerator_adapters"]) <= 2
-    demo_names = {a.name for a in DEMO_ADAPTERS}
-    assert demo_names >= set(stats["accelerator_adapters"]) - {SHARED_DEMO_ADAPTER}
+    assert set(stats["accelerator_adapters"]) <= expected
 
 
 # ---- request ids, access log ----------------------------------------------------------------

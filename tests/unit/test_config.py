@@ -44,13 +44,15 @@ def test_gpu_config_builds_the_app_graph_without_starting_engines():
     assert autoscaling.policy.policy_function == "app.autoscaling:utilization_policy"
     router_cfg = engine._deployment_config.request_router_config
     assert router_cfg.request_router_class == "app.request_router:AdapterAffinityRequestRouter"
-    # The engine is bound with its typed settings and the adapter paths; the ingress never gets
-    # a path, only names and owners.
-    engine_cfg, adapter_paths = engine.init_args
+    # The engine is bound with its typed settings and where to keep adapters; tenants and
+    # adapters go to the Registry (which seeds its SQLite file from them), not to the ingress.
+    engine_cfg, storage = engine.init_args
     assert engine_cfg.served_model_name == "qwen3-30b-a3b"
-    assert adapter_paths["sql-assistant"] == "/adapters/sql-assistant"
-    catalog = app._bound_deployment.init_args[2]
-    assert "sql-assistant" in catalog.names and not hasattr(catalog, "paths")
+    assert storage.cache_max_bytes > 0
+    registry = app._bound_deployment.init_args[1]._bound_deployment
+    path, tenants, adapters, reserved = registry.init_args
+    assert path.endswith(".sqlite") and reserved == ("qwen3-30b-a3b",)
+    assert any(a.name == "sql-assistant" and a.path == "/adapters/sql-assistant" for a in adapters)
 
 
 def _error_locations(exc: ValidationError) -> list[str]:

@@ -9,18 +9,21 @@ import asyncio
 import contextlib
 import json
 import logging
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from app.adapters import AdapterCatalog
 from app.builtin_model import DEMO_TENANTS
 from app.config import AppConfig
 from app.contract import Accepted, ReplyHead, ReplyKind, ReplyTail
 from app.ingress import build_api
+from app.registry import Registry, Snapshot
 from app.request_policy import RequestLimits
-from app.tenants import TenantDirectory, hash_api_key
+from app.tenancy import Tenancy, hash_api_key
 
 ACCESS_LOGGER = "ray.serve.moelora.access"
 ACME = DEMO_TENANTS[0]
@@ -77,13 +80,19 @@ class ScriptedEngine:
         self.requests = []
         self.replies: list[ScriptedReplies] = []
 
-    def call(self, endpoint, request, adapter):
+    def call(self, endpoint, request, context):
         if self.call_raises is not None:
             raise self.call_raises
+        adapter = context.adapter.engine_name if context.adapter else None
         self.calls.append((endpoint, request.model, adapter))
         self.requests.append(request)
         self.replies.append(ScriptedReplies(self.items))
         return self.replies[-1]
+
+
+@dataclass
+class StaticView:
+    snapshot: Snapshot
 
 
 def make_client(
@@ -95,10 +104,13 @@ def make_client(
             "adapters": [{"name": ACME.adapter, "path": "/unused", "owner": ACME.name}],
         }
     )
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = Registry(Path(tmp) / "registry.sqlite")
+        registry.seed(cfg.tenants, cfg.adapters, lambda a: ("", 0, 0))
+        snapshot = registry.snapshot()
     engine = ScriptedEngine(items, call_raises)
-    catalog = AdapterCatalog("base", cfg.adapters)
-    tenants = TenantDirectory(cfg.tenants)
-    api = build_api(engine, tenants, catalog, 2, limits=limits, readiness=readiness)
+    tenancy = Tenancy(StaticView(snapshot), "base")
+    api = build_api(engine, tenancy, 2, limits=limits, readiness=readiness)
     return TestClient(api, raise_server_exceptions=False), engine
 
 
@@ -153,7 +165,7 @@ def test_json_reply_passes_through_and_is_logged_once_without_secrets(caplog):
         resp = client.post("/v1/chat/completions", json=secret_prompt, headers=AUTH)
     assert resp.status_code == 200 and resp.content == body
     assert resp.headers["x-served-by"] == "r1"
-    assert engine.calls == [("chat", ACME.adapter, ACME.adapter)]
+    assert engine.calls == [("chat", ACME.adapter, f"{ACME.name}/{ACME.adapter}/v1")]
     lines = [r.getMessage() for r in caplog.records if r.name == ACCESS_LOGGER]
     assert len(lines) == 1
     record = json.loads(lines[0])

@@ -80,6 +80,9 @@ class EngineConfig(_Strict):
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool = False
     seed: int = 0
+    # Serve tenants in proportion to their weights (in tokens) when the engine is saturated
+    # (app/fair_queue.py); false: first come, first served (vLLM's own order).
+    fair_sharing: bool = True
     extra_args: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -231,7 +231,8 @@ class VLLMEngine:
         self._in_flight: Counter[str] = Counter()  # requests per adapter engine name
         # vLLM runs max_num_seqs sequences at once; the rest wait here, served fairly among
         # tenants (by weight, in tokens) instead of first come, first served.
-        self.fair_queue = FairQueue(cfg.max_num_seqs, reserve=fair_reserve(cfg.max_num_seqs))
+        seats = cfg.max_num_seqs if cfg.fair_sharing else 1_000_000  # off: never queues here
+        self.fair_queue = FairQueue(seats, reserve=fair_reserve(seats) if cfg.fair_sharing else 0)
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -351,6 +352,7 @@ class VLLMEngine:
                 # The same mapping vLLM's own API server applies to exceptions from these calls.
                 result = serving.create_error_response(exc)
             if isinstance(result, ErrorResponse):
+                used_tokens = 0  # refused before generating: no share used
                 body = names.to_client(result.model_dump_json())
                 yield ReplyHead(ReplyKind.ERROR, result.error.code, body.encode())
             elif hasattr(result, "__aiter__"):

@@ -21,7 +21,6 @@ registry records it; a rejected adapter changes nothing and the error names the 
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import json
 import secrets
@@ -80,13 +79,13 @@ def _registry_error(exc: RegistryError) -> Response:
 
 
 def _json(obj: Any, status: int = 200) -> Response:
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
+    if hasattr(obj, "to_dict"):  # registry records
+        obj = obj.to_dict()
     return JSONResponse(json.loads(json.dumps(obj, default=str)), status_code=status)
 
 
 def _adapter_json(record) -> dict:
-    return {**dataclasses.asdict(record), "engine_name": record.engine_name}
+    return {**record.to_dict(), "engine_name": record.engine_name}
 
 
 def build_admin_router(
@@ -155,7 +154,7 @@ def build_admin_router(
 
     @route("GET", "/tenants")
     async def list_tenants(request: Request):
-        return [dataclasses.asdict(t) for t in view.snapshot.tenants.values()]
+        return [t.to_dict() for t in view.snapshot.tenants.values()]
 
     @route("GET", "/tenants/{tenant}")
     async def get_tenant(request: Request, tenant: str):

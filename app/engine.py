@@ -44,6 +44,7 @@ from app.contract import (
 )
 from app.fair_queue import FairQueue
 from app.logs import get_logger
+from app.metrics import EngineMetrics
 from app.model_files import resolve_model_path
 from app.openai_errors import error_body
 from app.replica_env import reset_niceness
@@ -229,6 +230,7 @@ class VLLMEngine:
         self.models = None
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self._in_flight: Counter[str] = Counter()  # requests per adapter engine name
+        self.metrics = None  # EngineMetrics inside a Ray replica
         # vLLM runs max_num_seqs sequences at once; the rest wait here, served fairly among
         # tenants (by weight, in tokens) instead of first come, first served.
         seats = cfg.max_num_seqs if cfg.fair_sharing else 1_000_000  # off: never queues here
@@ -280,13 +282,19 @@ class VLLMEngine:
                 path = await asyncio.to_thread(self.adapter_files.local_copy, ref.uri, ref.sha256)
             except (AdapterFetchError, AdapterRejected) as exc:
                 logger.error("adapter %s cannot be loaded: %s", ref.engine_name, exc)
+                if self.metrics:
+                    self.metrics.adapter_loads.inc(1, tags={"outcome": "rejected"})
                 return _error_head(
                     HTTPStatus.SERVICE_UNAVAILABLE, f"The adapter cannot be loaded: {exc}"
                 )
             result = await self.models.load_lora_adapter(
                 LoadLoRAAdapterRequest(lora_name=ref.engine_name, lora_path=str(path))
             )
-            logger.info("adapter %s loaded in %.3fs", ref.engine_name, time.monotonic() - t0)
+            elapsed = time.monotonic() - t0
+            logger.info("adapter %s loaded in %.3fs", ref.engine_name, elapsed)
+            if self.metrics:
+                self.metrics.adapter_loads.inc(1, tags={"outcome": "loaded"})
+                self.metrics.adapter_load_time.observe(elapsed)
         if not isinstance(result, str):
             return ReplyHead(ReplyKind.ERROR, result.error.code, result.model_dump_json().encode())
         self._retire_older_versions(ref.engine_name)
@@ -335,6 +343,7 @@ class VLLMEngine:
         names = ModelNames(request.model, adapter.engine_name if adapter else request.model)
         request.model = names.engine
         in_flight = adapter.engine_name if adapter else ""
+        queued_at = time.monotonic()
         seat = await self.fair_queue.acquire(
             context.tenant,
             weight=context.weight,
@@ -342,6 +351,9 @@ class VLLMEngine:
             seats=request.n or 1,
             cost=reserved_tokens(request),
         )
+        if self.metrics:
+            wait = time.monotonic() - queued_at
+            self.metrics.queue_wait.observe(wait, tags={"tenant": context.tenant})
         self._in_flight[in_flight] += 1
         used_tokens = None
         try:
@@ -389,9 +401,13 @@ class VLLMEngine:
         if not self.serving:
             return RoutingStats(serving=False)
         load = self.load
+        cpu_adapters = await self.cpu_resident_adapters()
+        if self.metrics:
+            self.metrics.resident.set(len(load.recent_adapters), tags={"tier": "accelerator"})
+            self.metrics.resident.set(len(cpu_adapters), tags={"tier": "cpu"})
         return RoutingStats(
             accelerator_adapters=list(load.recent_adapters),
-            cpu_adapters=await self.cpu_resident_adapters(),
+            cpu_adapters=cpu_adapters,
             running=load.running,
             waiting=load.waiting,
             kv_cache_usage=load.kv_cache_usage,
@@ -407,6 +423,7 @@ class EngineDeployment:
         reset_niceness()  # before vLLM starts its processes: they inherit it
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.llm = VLLMEngine(engine, storage, replica_id)
+        self.llm.metrics = EngineMetrics()
         # Start the engine in the constructor: the replica counts as running (and gets traffic)
         # only once vLLM is ready to serve.
         t0 = time.monotonic()

@@ -11,6 +11,14 @@ a client sent never becomes a label. Ray Serve adds the deployment and replica l
     moelora_completion_tokens_total{tenant, model}
     moelora_request_duration_seconds{tenant, model}         end to end, as the ingress saw it
     moelora_time_to_first_token_seconds{tenant, model}      streams only
+    moelora_inter_token_latency_seconds{tenant, model}      streams: mean gap between tokens
+
+and of each engine replica (`EngineMetrics`; Ray adds the replica label):
+
+    moelora_fair_queue_wait_seconds{tenant}                 time waiting for a seat (queueing)
+    moelora_adapter_loads_total{outcome}                    loaded | rejected
+    moelora_adapter_load_seconds                            fetch + validate + load into vLLM
+    moelora_resident_adapters{tier}                         accelerator (slots) | cpu (memory)
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 from app.request_log import RequestRecord
 
 LATENCY_BOUNDARIES_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+ITL_BOUNDARIES_S = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28]
 
 
 class RequestMetrics:
@@ -50,6 +59,12 @@ class RequestMetrics:
             boundaries=LATENCY_BOUNDARIES_S,
             tag_keys=keys,
         )
+        self.itl = Histogram(
+            "moelora_inter_token_latency_seconds",
+            description="Mean time between output tokens of a stream, at the ingress.",
+            boundaries=ITL_BOUNDARIES_S,
+            tag_keys=keys,
+        )
 
     def observe(self, record: RequestRecord) -> None:
         if not record.path.startswith("/v1/"):
@@ -63,3 +78,35 @@ class RequestMetrics:
         self.duration.observe(record.latency_ms / 1000, tags=tags)
         if record.ttft_ms is not None:
             self.ttft.observe(record.ttft_ms / 1000, tags=tags)
+            if record.completion_tokens and record.completion_tokens > 1:
+                gaps = (record.latency_ms - record.ttft_ms) / (record.completion_tokens - 1)
+                self.itl.observe(max(0.0, gaps) / 1000, tags=tags)
+
+
+class EngineMetrics:
+    """Created inside an engine replica."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.queue_wait = Histogram(
+            "moelora_fair_queue_wait_seconds",
+            description="Time a request waited for a seat in the engine's fair queue.",
+            boundaries=LATENCY_BOUNDARIES_S,
+            tag_keys=("tenant",),
+        )
+        self.adapter_loads = Counter(
+            "moelora_adapter_loads_total",
+            description="Adapter versions loaded into this engine, by outcome.",
+            tag_keys=("outcome",),
+        )
+        self.adapter_load_time = Histogram(
+            "moelora_adapter_load_seconds",
+            description="Fetch, validation and load of an adapter version into vLLM.",
+            boundaries=LATENCY_BOUNDARIES_S,
+        )
+        self.resident = Gauge(
+            "moelora_resident_adapters",
+            description="Adapter versions held by this engine, by tier.",
+            tag_keys=("tier",),
+        )

@@ -76,3 +76,17 @@ def test_requests_tokens_and_latency_are_exported_per_tenant_and_adapter(server)
     assert sample(text, "ray_moelora_requests_total", tenant="acme", model="-", status="404") >= 1
     assert sample(text, "ray_moelora_requests_total", tenant="unauthenticated", status="401") >= 1
     assert "nosuch-xyz" not in text and "sk-wrong" not in text
+    # Streams: the mean gap between tokens.
+    assert sample(text, "ray_moelora_inter_token_latency_seconds_count", **tokens) >= 1
+
+
+def test_engine_replicas_export_queueing_and_adapter_metrics(server):
+    for tenant in ("initech", "umbrella"):
+        body = chat_body(model=OWN_ADAPTER[tenant], max_tokens=2)
+        assert post("/v1/chat/completions", body, key=KEYS[tenant]).is_success
+    text = scrape_until(r'^ray_moelora_fair_queue_wait_seconds_count\{.*tenant="initech"', 90)
+    assert sample(text, "ray_moelora_fair_queue_wait_seconds_count", tenant="initech") >= 1
+    assert sample(text, "ray_moelora_adapter_loads_total", outcome="loaded") >= 1
+    assert sample(text, "ray_moelora_adapter_load_seconds_count") >= 1
+    text = scrape_until(r'^ray_moelora_resident_adapters\{.*tier="cpu"', 60)
+    assert sample(text, "ray_moelora_resident_adapters", tier="cpu") >= 1

@@ -141,6 +141,21 @@ class AdminConfig(_Strict):
         return TenantConfig._hex_digests(digests)
 
 
+class GatewayConfig(_Strict):
+    """Tenant identity from an authenticating gateway in front (off by default): a request
+    carrying `secret_header` whose sha256 is `secret_sha256` is the tenant named in
+    `tenant_header`; without the secret the header is ignored and the API key counts."""
+
+    tenant_header: str = "x-tenant-id"
+    secret_header: str = "x-gateway-secret"
+    secret_sha256: str
+
+    @field_validator("secret_sha256")
+    @classmethod
+    def _hex_digest(cls, digest: str) -> str:
+        return TenantConfig._hex_digests([digest])[0]
+
+
 class RegistryConfig(_Strict):
     """Where the tenant and adapter registry is kept (SQLite; app/registry.py)."""
 
@@ -157,6 +172,7 @@ class AppConfig(_Strict):
     retry_after_s: int = Field(default=2, ge=1)
     request_limits: RequestLimits = Field(default_factory=RequestLimits)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    gateway: GatewayConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     adapter_storage: AdapterStorageConfig = Field(default_factory=AdapterStorageConfig)
 

@@ -67,7 +67,7 @@ from app.request_policy import (
     check_limits,
     tenant_cache_salt,
 )
-from app.tenancy import Caller, Refused, Tenancy
+from app.tenancy import Caller, GatewayTrust, Refused, Tenancy
 
 logger = get_logger("ingress")
 
@@ -235,7 +235,7 @@ def build_api(
         api.include_router(admin)
 
     def caller_of(request: Request) -> Caller:
-        caller = tenancy.authenticate(request.headers.getlist("authorization"))
+        caller = tenancy.authenticate(request.headers.getlist("authorization"), request.headers)
         request.state.record.tenant = caller.name
         return caller
 
@@ -375,6 +375,7 @@ class Ingress:
         retry_after_s: int,
         limits: RequestLimits,
         admin_key_digests: list[str],
+        gateway: GatewayTrust | None = None,
     ):
         reset_niceness()
         metrics = RequestMetrics()
@@ -388,7 +389,7 @@ class Ingress:
             )
         self._api = build_api(
             engines,
-            Tenancy(view, base_model),
+            Tenancy(view, base_model, gateway),
             retry_after_s,
             limits,
             serve_readiness,

@@ -19,6 +19,7 @@ from app.ingress import Ingress
 from app.quota_service import QuotaService
 from app.registry_service import RegistryService
 from app.replica_env import with_replica_env
+from app.tenancy import GatewayTrust
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -61,4 +62,5 @@ def build_app(args: dict[str, Any]) -> Application:
         cfg.retry_after_s,
         cfg.request_limits,
         cfg.admin.api_key_sha256,
+        GatewayTrust(**cfg.gateway.model_dump()) if cfg.gateway else None,
     )

@@ -17,6 +17,7 @@ Nothing else in a request (headers, body) identifies a tenant or sets its share.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,19 +68,45 @@ class Refused(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+@dataclass(frozen=True)
+class GatewayTrust:
+    """Behind an authenticating gateway, the tenant may come as a header (`tenant_header`),
+    trusted only on requests that also carry the gateway's shared secret (`secret_header`),
+    configured as its sha256 digest. Off unless configured."""
+
+    tenant_header: str
+    secret_header: str
+    secret_sha256: str
+
+    def tenant_of(self, headers) -> str | None:
+        secrets_sent = headers.getlist(self.secret_header)
+        names = headers.getlist(self.tenant_header)
+        if len(secrets_sent) != 1 or len(names) != 1:
+            return None
+        digest = hash_api_key(secrets_sent[0])
+        return names[0] if hmac.compare_digest(digest, self.secret_sha256) else None
+
+
 class Tenancy:
-    def __init__(self, view: SnapshotSource, base_model: str):
+    def __init__(self, view: SnapshotSource, base_model: str, gateway: GatewayTrust | None = None):
         self.view = view
         self.base_model = base_model
+        self.gateway = gateway
         self._limits: dict[tuple[int, str], TenantLimits] = {}
 
-    def authenticate(self, authorization: list[str]) -> Caller:
-        """The caller of a request with these Authorization header values, or Refused. Two
-        headers are refused, not resolved: which one a proxy in front keeps is not ours to
-        guess."""
+    def authenticate(self, authorization: list[str], headers=None) -> Caller:
+        """The caller of a request with these Authorization header values (or, with a trusted
+        gateway configured, its tenant header), or Refused. Two Authorization headers are
+        refused, not resolved: which one a proxy in front keeps is not ours to guess."""
         snapshot = self.view.snapshot
         tenant = None
-        if len(authorization) == 1:
+        if self.gateway is not None and headers is not None:
+            name = self.gateway.tenant_of(headers)
+            if name is not None:
+                tenant = snapshot.tenants.get(name)
+                if tenant is None:
+                    raise Refused(401, "Unknown tenant.")
+        if tenant is None and len(authorization) == 1:
             scheme, _, key = authorization[0].partition(" ")
             key = key.strip()
             if scheme.lower() == "bearer" and key:

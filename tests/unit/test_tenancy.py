@@ -116,3 +116,29 @@ def test_demo_tenants_file_matches_the_demo_table(tmp_path):
         caller = tenancy.authenticate([f"Bearer {demo.api_key}"])
         assert caller.name == demo.name
         assert {a.name for a in tenancy.visible(caller)} == {demo.adapter, SHARED_DEMO_ADAPTER}
+
+
+def test_a_gateway_header_counts_only_with_the_gateway_secret(tmp_path):
+    from starlette.datastructures import Headers
+
+    from app.tenancy import GatewayTrust
+
+    tenancy, _ = tenancy_over(tmp_path)
+    tenancy.gateway = GatewayTrust("x-tenant-id", "x-gateway-secret", hash_api_key("gw-secret"))
+
+    def caller(**headers):
+        h = Headers(headers={k.replace("_", "-"): v for k, v in headers.items()})
+        return tenancy.authenticate(h.getlist("authorization"), h)
+
+    assert caller(x_tenant_id="globex", x_gateway_secret="gw-secret").name == "globex"
+    # Without the right secret the header is ignored: the API key decides (here: none).
+    for secret in ("wrong", None):
+        headers = {"x_tenant_id": "globex"} | ({"x_gateway_secret": secret} if secret else {})
+        with pytest.raises(Refused):
+            caller(**headers)
+    assert (
+        caller(x_tenant_id="globex", x_gateway_secret="wrong", authorization="Bearer sk-a").name
+        == "acme"
+    )  # noqa: E501
+    with pytest.raises(Refused):  # a tenant the registry does not know
+        caller(x_tenant_id="nobody", x_gateway_secret="gw-secret")

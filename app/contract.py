@@ -58,6 +58,7 @@ class RequestContext:
     tenant: str
     weight: float = 1.0
     priority: int = 0  # 0 interactive, 1 batch
+    pinned: bool = False  # the tenant's adapters stay in host memory and on disk once loaded
 
 
 @dataclass(frozen=True, slots=True)

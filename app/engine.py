@@ -45,7 +45,7 @@ from app.contract import (
 from app.fair_queue import FairQueue
 from app.logs import get_logger
 from app.metrics import EngineMetrics
-from app.model_files import resolve_model_path
+from app.model_files import resolve_adapter_path, resolve_model_path
 from app.openai_errors import error_body
 from app.replica_env import reset_niceness
 
@@ -266,10 +266,13 @@ class VLLMEngine:
         self.serving_completion = state.openai_serving_completion
         self.models = state.openai_serving_models
 
-    async def ensure_adapter(self, ref: AdapterRef | None) -> ReplyHead | None:
+    async def ensure_adapter(
+        self, ref: AdapterRef | None, pinned: bool = False
+    ) -> ReplyHead | None:
         """Load the adapter version into vLLM on first use (fetched and validated on this node;
-        vLLM then caches it: LRU over max_cpu_loras in memory, max_loras slots per batch). An
-        error head if it cannot be loaded, else None."""
+        vLLM then caches it: LRU over max_cpu_loras in memory, max_loras slots per batch). A
+        pinned tenant's version is pinned in host memory (vLLM never evicts it) and in the
+        node's disk cache. An error head if it cannot be loaded, else None."""
         from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
         if ref is None or ref.engine_name in self.models.lora_requests:
@@ -298,7 +301,15 @@ class VLLMEngine:
         if not isinstance(result, str):
             return ReplyHead(ReplyKind.ERROR, result.error.code, result.model_dump_json().encode())
         self._retire_older_versions(ref.engine_name)
+        if pinned:
+            await self._pin(ref)
         return None
+
+    async def _pin(self, ref: AdapterRef) -> None:
+        lora = self.models.lora_requests.get(ref.engine_name)
+        if lora is not None and await self.engine.pin_lora(lora.lora_int_id):
+            await asyncio.to_thread(self.adapter_files.store.pin, resolve_adapter_path(ref.uri))
+            logger.info("adapter %s pinned (tenant configured as pinned)", ref.engine_name)
 
     def _retire_older_versions(self, engine_name: str) -> None:
         """Unload earlier versions of the same adapter once nothing runs on them: requests in
@@ -336,7 +347,7 @@ class VLLMEngine:
             raise EngineUnavailable(self.replica_id)
         yield Accepted(self.replica_id)
         adapter = context.adapter
-        error = await self.ensure_adapter(adapter)
+        error = await self.ensure_adapter(adapter, pinned=context.pinned)
         if error is not None:
             yield error
             return

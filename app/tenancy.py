@@ -59,6 +59,7 @@ class Caller:
             tenant=self.tenant.name,
             weight=self.tenant.weight,
             priority=PRIORITY_CLASSES.get(self.tenant.priority, 0),
+            pinned=self.tenant.pinned,
         )
 
 

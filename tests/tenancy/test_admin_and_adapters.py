@@ -173,3 +173,20 @@ def test_the_registry_survives_a_restart_of_its_replica(server):
     assert ok(admin("GET", "/tenants/lambda"))["name"] == "lambda"
     # Tenants kept being served from the ingress's snapshot meanwhile.
     assert tenant_client(KEYS["acme"]).models.list().data
+
+
+def test_a_pinned_tenants_adapter_stays_in_host_memory(server):
+    from ray import serve
+
+    from tests.integration.app_under_test import OWN_ADAPTER
+
+    mu = new_tenant("mu", pinned=True)
+    ok(admin("PUT", "/tenants/mu/adapters/support", {"uri": "s3://adapters/acme-support"}))
+    greedy_text(mu, "support", max_tokens=2)
+    # More other adapters than the CPU cache holds (max_cpu_loras 3): LRU would evict mu's.
+    for tenant, adapter in OWN_ADAPTER.items():
+        greedy_text(KEYS[tenant], adapter, max_tokens=2)
+    engine = serve.get_deployment_handle("Engine", app_name="moelora")
+    stats = engine.record_routing_stats.remote().result()
+    assert "mu/support/v1" in stats["cpu_adapters"], stats
+    assert not {f"{t}/{a}/v1" for t, a in OWN_ADAPTER.items()} <= set(stats["cpu_adapters"])

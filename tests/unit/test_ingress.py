@@ -36,15 +36,19 @@ HANG = object()  # a replica that never answers
 
 @contextlib.contextmanager
 def access_log_captured(caplog):
-    """caplog's handler on the access logger itself: importing Ray Serve stops `ray.serve.*`
-    records from propagating to the root logger, where caplog listens by default."""
+    """caplog's handler on the access logger itself, and only there: whether `ray.serve.*`
+    records reach the root logger (where caplog listens by default) depends on what Ray has
+    configured earlier in the process, so each line must be captured exactly once either way."""
     logger = logging.getLogger(ACCESS_LOGGER)
+    propagate = logger.propagate
     logger.addHandler(caplog.handler)
+    logger.propagate = False
     try:
         with caplog.at_level(logging.INFO, logger=ACCESS_LOGGER):
             yield
     finally:
         logger.removeHandler(caplog.handler)
+        logger.propagate = propagate
 
 
 class ScriptedReplies:

@@ -13,40 +13,20 @@ from ray.exceptions import ActorDiedError
 
 from app.contract import Accepted, EngineUnavailable, ReplyHead, ReplyKind
 from app.dispatch import FleetWatch, NoEngine, dispatch
+from tests.unit.scripted_replies import HANG, ScriptedReplies
 
-HANG = object()
 
-
-class Replica:
-    """One call's replies: items in order; an exception is raised, HANG waits forever."""
-
-    def __init__(self, *items):
-        self.items = list(items)
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if not self.items:
-            raise StopAsyncIteration
-        item = self.items.pop(0)
-        if item is HANG:
-            await asyncio.sleep(3600)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def cancel(self):
-        self.cancelled = True
+def replica(*items) -> ScriptedReplies:
+    """One call's replies, in order."""
+    return ScriptedReplies(items)
 
 
 class Fleet:
     """Replicas in the order the router would pick them."""
 
-    def __init__(self, *replicas: Replica):
+    def __init__(self, *replicas: ScriptedReplies):
         self.replicas = list(replicas)
-        self.used: list[Replica] = []
+        self.used: list[ScriptedReplies] = []
 
     def call(self, endpoint, request, adapter):
         self.used.append(self.replicas.pop(0))
@@ -61,8 +41,8 @@ class FixedFleetState:
         return self.value
 
 
-def served(replica_id: str) -> Replica:
-    return Replica(Accepted(replica_id), ReplyHead(ReplyKind.JSON, body=b"{}"))
+def served(replica_id: str) -> ScriptedReplies:
+    return replica(Accepted(replica_id), ReplyHead(ReplyKind.JSON, body=b"{}"))
 
 
 def run(fleet, attempts=3, timeout=5.0, state=None):
@@ -77,14 +57,14 @@ def run(fleet, attempts=3, timeout=5.0, state=None):
     "failure", [EngineUnavailable("engine died"), ActorDiedError()], ids=["engine", "actor"]
 )
 def test_a_replica_that_cannot_serve_is_skipped(failure):
-    dead, alive = Replica(failure), served("r2")
+    dead, alive = replica(failure), served("r2")
     accepted, head, _ = run(Fleet(dead, alive))
     assert accepted.replica_id == "r2" and head.kind is ReplyKind.JSON
     assert dead.cancelled and not alive.cancelled
 
 
 def test_attempts_are_bounded():
-    fleet = Fleet(*(Replica(EngineUnavailable("x")) for _ in range(5)))
+    fleet = Fleet(*(replica(EngineUnavailable("x")) for _ in range(5)))
     with pytest.raises(NoEngine):
         run(fleet, attempts=3)
     assert len(fleet.used) == 3
@@ -92,7 +72,7 @@ def test_attempts_are_bounded():
 
 def test_no_retry_once_a_replica_took_the_request():
     # A request that crashes its engine must not be sent on to crash another.
-    crashed = Replica(Accepted("r1"), EngineUnavailable("died while serving"))
+    crashed = replica(Accepted("r1"), EngineUnavailable("died while serving"))
     fleet = Fleet(crashed, served("r2"))
     with pytest.raises(NoEngine):
         run(fleet)
@@ -100,7 +80,7 @@ def test_no_retry_once_a_replica_took_the_request():
 
 
 def test_unexpected_failure_before_accepted_is_not_retried():
-    broken = Replica(RuntimeError("bug"))
+    broken = replica(RuntimeError("bug"))
     fleet = Fleet(broken, served("r2"))
     with pytest.raises(NoEngine):
         run(fleet)
@@ -116,7 +96,7 @@ def test_no_running_engine_is_a_fast_refusal():
 
 def test_wait_is_cut_short_when_the_last_engine_goes_away():
     state = FixedFleetState(True)
-    hung = Replica(HANG)
+    hung = replica(HANG)
 
     async def scenario():
         async def engines_vanish():
@@ -136,7 +116,7 @@ def test_wait_is_cut_short_when_the_last_engine_goes_away():
 
 
 def test_wait_is_bounded_by_the_accept_timeout():
-    hung = Replica(HANG)
+    hung = replica(HANG)
     t0 = time.monotonic()
     with pytest.raises(NoEngine):
         run(Fleet(hung), timeout=0.4)

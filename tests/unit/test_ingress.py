@@ -5,7 +5,6 @@ is covered by tests/integration/test_server.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -24,14 +23,12 @@ from app.ingress import build_api
 from app.registry import Registry, Snapshot
 from app.request_policy import RequestLimits
 from app.tenancy import Tenancy, hash_api_key
+from tests.unit.scripted_replies import HANG, ScriptedReplies
 
 ACCESS_LOGGER = "ray.serve.moelora.access"
 ACME = DEMO_TENANTS[0]
 AUTH = {"Authorization": f"Bearer {ACME.api_key}"}
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-HANG = object()  # a replica that never answers
 
 
 @contextlib.contextmanager
@@ -49,31 +46,6 @@ def access_log_captured(caplog):
     finally:
         logger.removeHandler(caplog.handler)
         logger.propagate = propagate
-
-
-class ScriptedReplies:
-    """Plays a list of reply items; an Exception in the list is raised at that point, HANG
-    waits forever."""
-
-    def __init__(self, items):
-        self.items = list(items)
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
-        if not self.items:
-            raise StopAsyncIteration
-        item = self.items.pop(0)
-        if item is HANG:
-            await asyncio.sleep(3600)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def cancel(self):
-        self.cancelled = True
 
 
 class ScriptedEngine:

@@ -17,4 +17,18 @@ python -m pip install -q -e ".[cpu,test,loadtest]"
 # torch 2.13.0+cpu ("operator torchvision::nms does not exist"); nothing here uses them.
 python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 python -m app.builtin_model >/dev/null
-echo "setup done: $(python -c 'import vllm, ray, torch; print(f"vllm {vllm.__version__}, ray {ray.__version__}, torch {torch.__version__}")')"
+# Prometheus and promtool (Debian package) for tests/operations: dashboards and alert rules
+# checked against a real Prometheus. Only as root with apt-get; the system service is not
+# started (a policy-rc.d that denies starts, unless the machine already has one).
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt_install() { apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+  apt_install || { apt-get update -qq >/dev/null && apt_install; }
+fi
+echo "setup done: $(python -c 'import vllm, ray, torch; print(f"vllm {vllm.__version__}, ray {ray.__version__}, torch {torch.__version__}")')"\
+"$(command -v promtool >/dev/null && echo ", $(promtool --version 2>&1 | head -1)")"

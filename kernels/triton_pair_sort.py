@@ -11,7 +11,8 @@ group; the pair sorters do it (the plan picks onepass, count1 or count4):
   count1   counting sort in ONE program (up to 8192 pairs, all in registers): ranks from
            atomic_add, then the counts read and zeroed by atomic exchange, the scan, the tile
            table and the scatter, all in that program. The plan's choice from 1025 to 4096 pairs
-           (docs/kernels.md, round three); count1_cg: the same with plain loads (measured only).
+           (docs/kernels.md, round three); count1_cg: the same with plain loads (measured only);
+           count1r: the same with relaxed atomics (round four, see _sort_count1_kernel).
   count    counting sort in two launches: (1) per-group counters, a pair's rank in its group =
            the atomic_add's return value; (2) every program scans the counts into group
            offsets (program 0 also writes the tile table) and scatters its pairs; the LAST
@@ -125,7 +126,7 @@ def sort_pairs(
         return routing
     group_off = torch.empty(num_groups, dtype=torch.int32, device=dev)
     table = (tile_group, tile_row0, tile_cnt, num_tiles)
-    if sorter in ("count1", "count1_cg") and p <= COUNT1_MAX_PAIRS:
+    if sorter in ("count1", "count1_cg", "count1r") and p <= COUNT1_MAX_PAIRS:
         block_p = max(16, triton.next_power_of_2(p))
         _sort_count1_kernel[(1,)](
             topk_ids,
@@ -144,14 +145,15 @@ def sort_pairs(
             BLOCK_P=block_p,
             BLOCK_M=block_m,
             BLOCK_G=1024,
-            ATOMIC_READ=sorter == "count1",
+            ATOMIC_READ=sorter != "count1_cg",
+            RELAXED=sorter == "count1r",
             num_warps=max(4, min(16, block_p // 256)),
             **pdl,
         )
         return routing
     if sorter == "onepass":  # too many pairs for one tl.sort
         sorter = "count4"
-    if sorter in ("count1", "count1_cg"):  # too many pairs for one program's registers
+    if sorter in ("count1", "count1_cg", "count1r"):  # too many pairs for one program's registers
         sorter = "count"
     key = torch.empty(p, dtype=torch.int32, device=dev)
     rank = torch.empty(p, dtype=torch.int32, device=dev)
@@ -295,13 +297,22 @@ def _sort_count1_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr,
     ATOMIC_READ: tl.constexpr,
+    RELAXED: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """The counting sort in ONE program (batches of <= BLOCK_P pairs, all in registers): a
     pair's rank in its group = atomic_add on the group's counter; then the exclusive scan of the
     counts (reading each with an atomic exchange to zero, so the counters are clean for the next
     call and every increment of this program is seen), the tile table, and the scatter. No other
-    program touches the counters: no cross-program ordering at all."""
+    program touches the counters: no cross-program ordering at all.
+
+    RELAXED (sorter "count1r", round four): the rank increments and the read-and-zero exchanges
+    are relaxed atomics. acq_rel makes every atomic a fence (each waits for the thread's earlier
+    memory operations, and invalidates L1 after), so a thread's 8-16 increments ran one L2
+    round trip after another; relaxed ones are all in flight at once. Ordering needs no fence
+    here: every access is an atomic on the same counters, performed at L2 in one order per
+    address, and the CTA barrier between the increments and the exchanges orders them (bar.sync
+    orders the memory accesses of the threads of the CTA)."""
     pdl_wait(PDL)
     pdl_trigger(PDL)  # one program: the shrink's programs may take their SM slots now
     offs = tl.arange(0, BLOCK_P)
@@ -313,7 +324,10 @@ def _sort_count1_kernel(
         en = tl.load(enabled_ptr + tl.where(active, slot, 0), mask=active, other=0)
         active = active & (en != 0)
     key = tl.where(active, slot * E + expert, 0)
-    rank = tl.atomic_add(counts_ptr + key, 1, mask=active, sem="acq_rel", scope="gpu")
+    if RELAXED:
+        rank = tl.atomic_add(counts_ptr + key, 1, mask=active, sem="relaxed", scope="gpu")
+    else:
+        rank = tl.atomic_add(counts_ptr + key, 1, mask=active, sem="acq_rel", scope="gpu")
     tl.debug_barrier()  # every thread's increments are done (their ranks came back)
     _scan_groups(
         counts_ptr,
@@ -328,6 +342,7 @@ def _sort_count1_kernel(
         BLOCK_G,
         ATOMIC_READ,
         True,
+        RELAXED,
     )
     tl.debug_barrier()  # group_off stores before the loads below (global memory, same CTA)
     start = tl.load(group_off_ptr + key, mask=active, other=0)
@@ -416,6 +431,7 @@ def _scan_groups(
     BLOCK_G: tl.constexpr,
     ATOMIC_READ: tl.constexpr,
     ZERO: tl.constexpr = False,
+    RELAXED: tl.constexpr = False,
 ):
     """Exclusive scan of the group counts into group offsets and (if write_tiles, 0 or 1) the
     tile table, in BLOCK_G chunks. ATOMIC_READ: read each count with an atomic exchange that
@@ -426,7 +442,10 @@ def _scan_groups(
     for g0 in range(0, num_groups, BLOCK_G):
         offs = g0 + tl.arange(0, BLOCK_G)
         g_mask = offs < num_groups
-        if ATOMIC_READ:
+        if ATOMIC_READ and RELAXED:
+            cnt = tl.atomic_xchg(counts_ptr + offs, 0, mask=g_mask, sem="relaxed", scope="gpu")
+            cnt = tl.where(g_mask, cnt, 0)
+        elif ATOMIC_READ:
             cnt = tl.atomic_xchg(counts_ptr + offs, 0, mask=g_mask, sem="acq_rel", scope="gpu")
             cnt = tl.where(g_mask, cnt, 0)
         else:

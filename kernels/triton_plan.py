@@ -28,8 +28,8 @@ class LaunchOptions:
     """Overrides of the automatic plan (None = let the plan decide). For tests and benchmarks."""
 
     mode: str | None = None  # "naive" (a tile is one pair) | "grouped" (pairs of one block)
-    # grouped only, the pair sorter: "onepass" | "count1" | "count4" (kernels/triton_pair_sort.py;
-    # also "count", "count_last", "count1_cg": measured alternatives)
+    # grouped only, the pair sorter: "onepass" | "count1" | "count1r" | "count4"
+    # (kernels/triton_pair_sort.py; also "count", "count_last", "count1_cg": measured ones)
     sorter: str | None = None
     block_m: int | None = None  # grouped only: pairs per tile
     pdl: bool | None = None  # programmatic dependent launch
@@ -87,7 +87,7 @@ def choose_sorter(cfg: dict, num_pairs: int, num_groups: int) -> str:
     if num_pairs <= cfg["onepass_sort_max_pairs"]:
         return "onepass"
     if num_pairs <= cfg["count1_max_pairs"] and num_groups <= cfg["count1_max_groups"]:
-        return "count1"
+        return cfg["count1_sorter"]  # "count1" or "count1r" (relaxed atomics, round four)
     return "count4"
 
 

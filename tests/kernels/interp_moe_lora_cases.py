@@ -219,7 +219,7 @@ def _check_grouping(c, num_slots, num_experts, sorter):
 
 
 @pytest.mark.parametrize(
-    "sorter", ["onepass", "count1", "count1_cg", "count", "count_last", "count4"]
+    "sorter", ["onepass", "count1", "count1_cg", "count1r", "count", "count_last", "count4"]
 )
 def test_pair_sorter_groups_pairs(sorter):
     c = make_case(8, 30, 32, 32, 4, 2, 3, 16, torch.float32)
@@ -278,3 +278,23 @@ def test_bm64_without_prefetch_and_more_splits(kind):
         LaunchOptions(mode="grouped", block_m=16, waves=8),
     ):
         check(kind, c, options, torch.float32)
+
+
+# The fused base+LoRA decode prototype (kernels/triton_fused_moe.py): base GEMV, plus the LoRA
+# delta in its epilogue from our tile shrink's partials.
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param((1, 64, 32, 4, 2, 2, 16), id="M1"),
+        pytest.param((5, 96, 64, 8, 2, 3, 8), id="M5-r8"),
+        pytest.param((3, 600, 64, 4, 2, 2, 32), id="M3-r32-K600"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_fused_base_lora_prototype(kind, shape):
+    from tests.kernels.fused_cases import check_fused
+
+    c = make_case(0, *shape, torch.float32)
+    enabled = torch.ones(shape[5] + 1, dtype=torch.int32)
+    enabled[1] = 0
+    check_fused(kind, c, torch.float32, enabled)

@@ -24,6 +24,7 @@ PATHS = {
     "grouped-onepass": LaunchOptions(mode="grouped", sorter="onepass"),
     "grouped-count": LaunchOptions(mode="grouped", sorter="count"),
     "grouped-count1": LaunchOptions(mode="grouped", sorter="count1"),
+    "grouped-count1r": LaunchOptions(mode="grouped", sorter="count1r"),
     "grouped-count4": LaunchOptions(mode="grouped", sorter="count4"),
     "auto": LaunchOptions(),
 }

@@ -23,6 +23,8 @@ from grafana_foundation_sdk.models.dashboard import DataSourceRef
 HERE = Path(__file__).resolve().parent
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 TENANT = 'tenant=~"$tenant"'
+# Grafana's rate window: at least 4 scrape intervals of the datasource (timeInterval).
+RATE = "$__rate_interval"
 
 
 def panel(title: str, unit: str, *queries: tuple[str, str]) -> timeseries.Panel:
@@ -32,8 +34,13 @@ def panel(title: str, unit: str, *queries: tuple[str, str]) -> timeseries.Panel:
     return p
 
 
+def rate(metric: str, where: str = TENANT) -> str:
+    selector = f"{metric}{{{where}}}" if where else metric
+    return f"rate({selector}[{RATE}])"
+
+
 def quantile(q: float, metric: str, by: str, where: str = TENANT) -> str:
-    return f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{where}}}[5m])))"
+    return f"histogram_quantile({q}, sum by (le, {by}) ({rate(metric + '_bucket', where)}))"
 
 
 def tenants_dashboard() -> dashboard.Dashboard:
@@ -57,7 +64,7 @@ def tenants_dashboard() -> dashboard.Dashboard:
                 "Requests/s by tenant and status",
                 "reqps",
                 (
-                    f"sum by (tenant, status) (rate(ray_moelora_requests_total{{{TENANT}}}[1m]))",
+                    f"sum by (tenant, status) ({rate('ray_moelora_requests_total')})",
                     "{{tenant}} {{status}}",
                 ),
             )
@@ -67,8 +74,9 @@ def tenants_dashboard() -> dashboard.Dashboard:
                 "Refused: rate-limited (429), over a ceiling (400/403)",
                 "reqps",
                 (
-                    "sum by (tenant, status) (rate(ray_moelora_requests_total"
-                    f'{{{TENANT}, status=~"429|400|403"}}[1m]))',
+                    "sum by (tenant, status) ("
+                    + rate("ray_moelora_requests_total", f'{TENANT}, status=~"429|400|403"')
+                    + ")",
                     "{{tenant}} {{status}}",
                 ),
             )
@@ -78,7 +86,7 @@ def tenants_dashboard() -> dashboard.Dashboard:
                 "Completion tokens/s by tenant",
                 "short",
                 (
-                    f"sum by (tenant) (rate(ray_moelora_completion_tokens_total{{{TENANT}}}[1m]))",
+                    f"sum by (tenant) ({rate('ray_moelora_completion_tokens_total')})",
                     "{{tenant}}",
                 ),
             )
@@ -88,7 +96,7 @@ def tenants_dashboard() -> dashboard.Dashboard:
                 "Prompt tokens/s by tenant",
                 "short",
                 (
-                    f"sum by (tenant) (rate(ray_moelora_prompt_tokens_total{{{TENANT}}}[1m]))",
+                    f"sum by (tenant) ({rate('ray_moelora_prompt_tokens_total')})",
                     "{{tenant}}",
                 ),
             )
@@ -161,7 +169,7 @@ def engines_dashboard() -> dashboard.Dashboard:
                 "Adapter loads/s by outcome",
                 "short",
                 (
-                    "sum by (outcome) (rate(ray_moelora_adapter_loads_total[5m]))",
+                    f"sum by (outcome) ({rate('ray_moelora_adapter_loads_total', '')})",
                     "{{outcome}}",
                 ),
                 (

@@ -65,11 +65,36 @@ def test_committed_dashboards_are_generated(tmp_path, monkeypatch):
         assert path.read_text() == (ROOT / "dashboards" / path.name).read_text(), path.name
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_alert_rules_pass_promtool():
-    out = subprocess.run(
-        ["promtool", "check", "rules", str(ROOT / "dashboards/alerts.yml")],
-        capture_output=True,
-        text=True,
-    )
+def promtool(*args: str) -> None:
+    out = subprocess.run(["promtool", *args], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+needs_promtool = pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool not installed (scripts/setup.sh as root)"
+)
+
+
+@needs_promtool
+def test_alert_rules_and_scrape_config_pass_promtool():
+    promtool("check", "rules", "dashboards/alerts.yml")
+    promtool("check", "config", "dashboards/prometheus.yml")
+
+
+@needs_promtool
+def test_alert_rules_fire_on_their_cases():
+    """dashboards/alerts_test.yml: every alert fires when it should and only then."""
+    tested = set(re.findall(r"alertname: (\w+)", (ROOT / "dashboards/alerts_test.yml").read_text()))
+    rules = yaml.safe_load((ROOT / "dashboards/alerts.yml").read_text())
+    assert tested == {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    promtool("test", "rules", "dashboards/alerts_test.yml")
+
+
+def test_grafana_provisioning_points_at_the_generated_dashboards():
+    prov = ROOT / "dashboards/grafana/provisioning"
+    (source,) = yaml.safe_load((prov / "datasources/moelora.yml").read_text())["datasources"]
+    assert source["type"] == "prometheus"
+    (provider,) = yaml.safe_load((prov / "dashboards/moelora.yml").read_text())["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"] == "$MOELORA_DASHBOARDS"
+    for board in (ROOT / "dashboards").glob("*.json"):  # any Prometheus datasource will do
+        assert json.loads(board.read_text())["templating"]["list"][0]["type"] == "datasource"

@@ -548,6 +548,7 @@ def route_pairs(
         bm,
         sorter,
         call.pdl,
+        options.sort_warps,
     )
 
 

@@ -13,6 +13,8 @@ group; the pair sorters do it (the plan picks onepass, count1 or count4):
            table and the scatter, all in that program. The plan's choice from 1025 to 4096 pairs
            (docs/kernels.md, round three); count1_cg: the same with plain loads (measured only);
            count1r: the same with relaxed atomics (round four, see _sort_count1_kernel).
+  countr, count4r  count and count4 with relaxed counting atomics (their counts are read only
+           after a kernel boundary; round four, measured).
   count    counting sort in two launches: (1) per-group counters, a pair's rank in its group =
            the atomic_add's return value; (2) every program scans the counts into group
            offsets (program 0 also writes the tile table) and scatters its pairs; the LAST
@@ -79,6 +81,7 @@ def sort_pairs(
     block_m: int,
     sorter: str,
     pdl: dict,
+    sort_warps: int | None = None,
 ) -> PairRouting:
     """Group the active pairs by (slot, expert) into tiles of <= block_m pairs."""
     m, top_k = topk_ids.shape
@@ -147,7 +150,7 @@ def sort_pairs(
             BLOCK_G=1024,
             ATOMIC_READ=sorter != "count1_cg",
             RELAXED=sorter == "count1r",
-            num_warps=max(4, min(16, block_p // 256)),
+            num_warps=sort_warps or max(4, min(16, block_p // 256)),
             **pdl,
         )
         return routing
@@ -155,6 +158,8 @@ def sort_pairs(
         sorter = "count4"
     if sorter in ("count1", "count1_cg", "count1r"):  # too many pairs for one program's registers
         sorter = "count"
+    relaxed = sorter in ("countr", "count4r")  # counts read only after a kernel boundary
+    sorter = {"countr": "count", "count4r": "count4"}.get(sorter, sorter)
     key = torch.empty(p, dtype=torch.int32, device=dev)
     rank = torch.empty(p, dtype=torch.int32, device=dev)
     block = 1024
@@ -163,8 +168,9 @@ def sort_pairs(
     if sorter == "count4":
         counts = torch.zeros(num_groups, dtype=torch.int32, device=dev)
         _count_kernel[grid](
-            topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl
-        )
+            topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl,
+            RELAXED=relaxed,
+        )  # fmt: skip
         _scan_kernel[(1,)](
             counts, group_off, *table, num_groups, BLOCK_M=block_m, BLOCK_G=1024, num_warps=8, **pdl
         )
@@ -197,8 +203,9 @@ def sort_pairs(
     if sorter != "count":
         raise ValueError(f"unknown pair sorter {sorter!r}")
     _count_kernel[grid](
-        topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl
-    )
+        topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl,
+        RELAXED=relaxed,
+    )  # fmt: skip
     _scan_scatter_kernel[grid](
         counters,
         key,
@@ -364,8 +371,12 @@ def _count_pairs(
     HAS_ENABLED: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
+    RELAXED: tl.constexpr = False,
 ):
-    """key[pair] = slot * E + expert (-1 inactive); rank[pair] = its position in its group."""
+    """key[pair] = slot * E + expert (-1 inactive); rank[pair] = its position in its group.
+    RELAXED: relaxed increments (all in flight at once), for sorters whose counts are read only
+    after a kernel boundary ("countr", "count4r"); acq_rel where a ticket in the same launch
+    must see them ("count_last")."""
     pdl_wait(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_range = offs < num_pairs
@@ -377,9 +388,14 @@ def _count_pairs(
         active = active & (en != 0)
     key = tl.where(active, slot * E + expert, -1)
     # Rank of the pair inside its (slot, expert) group: the counter's value before our add.
-    rank = tl.atomic_add(
-        counts_ptr + tl.where(active, key, 0), 1, mask=active, sem="acq_rel", scope="gpu"
-    )
+    if RELAXED:
+        rank = tl.atomic_add(
+            counts_ptr + tl.where(active, key, 0), 1, mask=active, sem="relaxed", scope="gpu"
+        )
+    else:
+        rank = tl.atomic_add(
+            counts_ptr + tl.where(active, key, 0), 1, mask=active, sem="acq_rel", scope="gpu"
+        )
     tl.store(key_ptr + offs, key, mask=in_range)
     tl.store(rank_ptr + offs, tl.where(active, rank, 0), mask=in_range)
 
@@ -399,6 +415,7 @@ def _count_kernel(
     HAS_ENABLED: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
+    RELAXED: tl.constexpr = False,
 ):
     _count_pairs(
         topk_ptr,
@@ -414,6 +431,7 @@ def _count_kernel(
         HAS_ENABLED,
         BLOCK,
         PDL,
+        RELAXED,
     )
 
 

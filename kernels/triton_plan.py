@@ -29,8 +29,10 @@ class LaunchOptions:
 
     mode: str | None = None  # "naive" (a tile is one pair) | "grouped" (pairs of one block)
     # grouped only, the pair sorter: "onepass" | "count1" | "count1r" | "count4"
-    # (kernels/triton_pair_sort.py; also "count", "count_last", "count1_cg": measured ones)
+    # (kernels/triton_pair_sort.py; also "count", "countr", "count4r", "count_last", "count1_cg":
+    # measured ones)
     sorter: str | None = None
+    sort_warps: int | None = None  # count1/count1r only: warps of the one sorting program
     block_m: int | None = None  # grouped only: pairs per tile
     pdl: bool | None = None  # programmatic dependent launch
     prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead

@@ -161,6 +161,8 @@ CHECK_VARIANTS = {
     "grouped-onepass": dict(mode="grouped", sorter="onepass"),
     "grouped-count": dict(mode="grouped", sorter="count"),
     "grouped-count1": dict(mode="grouped", sorter="count1"),
+    "grouped-count1r": dict(mode="grouped", sorter="count1r"),
+    "grouped-countr": dict(mode="grouped", sorter="countr"),
     "grouped-count4": dict(mode="grouped", sorter="count4"),
     "nopf-nopdl": dict(prefetch=False, pdl=False),
 }
@@ -175,7 +177,13 @@ def run_correctness(vllm, gen):
                 names = (
                     CHECK_VARIANTS
                     if m <= 64
-                    else ("auto", "grouped-onepass", "grouped-count1", "grouped-count4")
+                    else (
+                        "auto",
+                        "grouped-onepass",
+                        "grouped-count1r",
+                        "grouped-countr",
+                        "grouped-count4",
+                    )
                 )
                 v = {n: CHECK_VARIANTS[n] for n in names}
                 rows += check_case(vllm, model, rank, m, n_act, gen, v)
@@ -417,19 +425,29 @@ def our_path_name(model, rank, m, n_act):
 
 
 def plan_variants(model, rank, n_act, m):
-    """The plan ("auto") and, where the plan has a close alternative, both sides forced: the
-    pair sorter from 1025 to 8192 pairs (the one-program counting sort vs the four-launch one),
-    and the expand's K-split sum unrolled or not up to M = 256 (unroll_ksplit_max_pairs)."""
+    """The plan ("auto") and, where the plan has close alternatives, those forced: the pair
+    sorter of grouped batches from 257 to 8192 pairs (round four: the one-program tl.sort vs
+    the relaxed one-program counting sort up to 1024 pairs; above, the relaxed one-program
+    counting sort, also with other warp counts, vs the four-launch and the relaxed two-launch
+    counting sorts)."""
     spec = MODELS[model]
     p = m * spec["top_k"]
     path = our_path_name(model, rank, m, n_act)
     v = {"auto": {}}
-    if m <= 256:
-        v["rolled"] = dict(unroll_ksplit=False)
-        v["unrolled"] = dict(unroll_ksplit=True)
-    if path.startswith("tile-grouped") and 1024 < p <= 8192:
-        v["count1"] = dict(mode="grouped", sorter="count1")
-        v["count4"] = dict(mode="grouped", sorter="count4")
+    if not path.startswith("tile-grouped"):
+        return v
+    forced_sorters = []
+    if 256 < p <= 1024:
+        forced_sorters = ["onepass", "count1r"]
+    elif 1024 < p <= 8192:
+        forced_sorters = ["count1r", "count4", "countr"]
+    for sorter in forced_sorters:
+        if not path.endswith(f"-{sorter}"):
+            v[sorter] = dict(mode="grouped", sorter=sorter)
+    if 1024 < p <= 2048:
+        v["count1r_w4"] = dict(mode="grouped", sorter="count1r", sort_warps=4)
+    elif 2048 < p <= 8192:
+        v["count1r_w8"] = dict(mode="grouped", sorter="count1r", sort_warps=8)
     return v
 
 

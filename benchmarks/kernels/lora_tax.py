@@ -130,6 +130,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "tax_out"))
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--adapters", default=",".join(map(str, GRID_ADAPTERS)))
+    ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def main():
     gen = torch.Generator(device=DEV).manual_seed(4321)
     rows = []
     adapters_grid = [int(a) for a in args.adapters.split(",")]
-    for model in MODELS:
+    for model in args.models.split(","):
         s = MODELS[model]
         e, h, i = s["experts"], s["hidden"], s["inter"]
 

@@ -219,14 +219,25 @@ def _check_grouping(c, num_slots, num_experts, sorter):
 
 
 @pytest.mark.parametrize(
-    "sorter", ["onepass", "count1", "count1_cg", "count1r", "count", "count_last", "count4"]
+    "sorter",
+    [
+        "onepass",
+        "count1",
+        "count1_cg",
+        "count1r",
+        "count",
+        "countr",
+        "count_last",
+        "count4",
+        "count4r",
+    ],
 )
 def test_pair_sorter_groups_pairs(sorter):
     c = make_case(8, 30, 32, 32, 4, 2, 3, 16, torch.float32)
     _check_grouping(c, 3, 4, sorter)
 
 
-@pytest.mark.parametrize("sorter", ["count", "count_last", "count4"])
+@pytest.mark.parametrize("sorter", ["count", "countr", "count_last", "count4", "count4r"])
 def test_count_sorter_over_several_programs(sorter):
     # 2600 pairs: three counting programs; twice, so the self-cleaning counters are reused.
     for seed in (11, 12):

@@ -25,6 +25,7 @@ PATHS = {
     "grouped-count": LaunchOptions(mode="grouped", sorter="count"),
     "grouped-count1": LaunchOptions(mode="grouped", sorter="count1"),
     "grouped-count1r": LaunchOptions(mode="grouped", sorter="count1r"),
+    "grouped-countr": LaunchOptions(mode="grouped", sorter="countr"),
     "grouped-count4": LaunchOptions(mode="grouped", sorter="count4"),
     "auto": LaunchOptions(),
 }

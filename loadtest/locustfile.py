@@ -35,6 +35,7 @@ from pathlib import Path
 
 import gevent
 import locust
+from gevent import GreenletExit
 from locust import HttpUser, LoadTestShape, events, task
 
 from loadtest.provision import ADAPTER_NAME, Admin, RunTenant, adapter_uri, provision, remove
@@ -135,6 +136,8 @@ class Run:
         (self.dir / "run.json").write_text(json.dumps(self.meta, indent=1) + "\n")
 
     def record(self, rec: RequestRecord) -> None:
+        if self._file.closed:
+            return
         self.writer.writerow(rec.row())
         self._file.flush()
 
@@ -201,23 +204,35 @@ class ZipfTenants(HttpUser):
         assert RUN is not None
         self.run = RUN
         self.rng = random.Random(f"{RUN.options.seed}-user-{next(_user_ids)}")
-        self.clock = PoissonClock(self.rng, time.monotonic())
-        stage = self.run.stage()
-        if stage is not None and stage.rate:  # the first arrival is a random time away, too
-            gevent.sleep(self.clock.wait(time.monotonic(), stage.rate, stage.users))
+        self.clock = PoissonClock(self.rng)
 
     def wait_time(self) -> float:
+        """Closed loop: the think time. Poisson: 0, the task waits for its arrival itself."""
         stage = self.run.stage()
         if stage is not None and stage.rate:
-            return self.clock.wait(time.monotonic(), stage.rate, stage.users)
+            return 0.0
         think = self.run.options.think_s
         return self.rng.expovariate(1 / think) if think > 0 else 0.0
+
+    def _await_arrival(self) -> float:
+        """Poisson shape: sleeps until this user's next arrival, re-reading the rate at least
+        every 0.5 s; returns how late the arrival is sent (0 for closed-loop shapes)."""
+        while True:
+            stage = self.run.stage()
+            if stage is None or not stage.rate:
+                return 0.0
+            now = time.monotonic()
+            delay = self.clock.wait(now, stage.rate, stage.users)
+            if delay <= 0:
+                late = now - self.clock.next_at
+                self.clock.sent()
+                return late
+            gevent.sleep(min(delay, 0.5))
 
     @task
     def chat(self) -> None:
         run, o = self.run, self.run.options
-        stage = run.stage()
-        late = max(0.0, time.monotonic() - self.clock.next_at) if stage and stage.rate else 0.0
+        late = self._await_arrival()
         tenant = run.tenants[run.sampler()]
         base = self.rng.random() < o.base_fraction
         rec = RequestRecord(
@@ -240,26 +255,31 @@ class ZipfTenants(HttpUser):
             ],
         }
         t0 = time.monotonic()
-        with self.client.post(
-            "/v1/chat/completions",
-            json=body,
-            stream=True,
-            catch_response=True,
-            headers={"Authorization": f"Bearer {tenant.key}"},
-            name=f"chat {tenant.name}",
-        ) as resp:
-            try:
-                self._read(resp, rec, t0)
-            except Exception as exc:  # noqa: BLE001 - a broken stream is a recorded outcome
-                rec.status = type(exc).__name__
-            rec.e2e_s = time.monotonic() - t0
-            resp.request_meta["response_time"] = rec.e2e_s * 1000
-            resp.request_meta["response_length"] = rec.completion_tokens
-            if rec.status == "ok":
-                resp.success()
-            else:
-                detail = resp.text[:200] if rec.status.startswith("http_") else ""
-                resp.failure(f"{rec.status} {detail}".strip())
+        try:
+            with self.client.post(
+                "/v1/chat/completions",
+                json=body,
+                stream=True,
+                catch_response=True,
+                headers={"Authorization": f"Bearer {tenant.key}"},
+                name=f"chat {tenant.name}",
+            ) as resp:
+                try:
+                    self._read(resp, rec, t0)
+                except Exception as exc:  # noqa: BLE001 - a broken stream is a recorded outcome
+                    rec.status = type(exc).__name__
+                rec.e2e_s = time.monotonic() - t0
+                resp.request_meta["response_time"] = rec.e2e_s * 1000
+                resp.request_meta["response_length"] = rec.completion_tokens
+                if rec.status == "ok":
+                    resp.success()
+                else:
+                    detail = resp.text[:200] if rec.status.startswith("http_") else ""
+                    resp.failure(f"{rec.status} {detail}".strip())
+        except GreenletExit:  # Locust stops users at the end of the test, mid-stream
+            rec.status, rec.e2e_s = "cancelled", time.monotonic() - t0
+            run.record(rec)  # the tokens it got count; it is no error
+            raise
         run.record(rec)
         if rec.ttft_s is not None:
             _metric("TTFT", tenant.name, rec.ttft_s * 1000, rec.completion_tokens)

@@ -19,7 +19,8 @@ and writes into the run directory (or `--out`):
 Definitions: TTFT, from sending the request to the first SSE event that carries a completion
 token; ITL, the gap between consecutive such events, divided among the tokens the later event
 carries; TPOT, per request (last event - first event) / (tokens - 1); tokens/s, completion tokens
-counted when they arrived. Requests that failed count in `errors` and in no latency.
+counted when they arrived. Failed requests count in `errors` and in no latency; requests cut
+when Locust stopped the users at the end (`cancelled`) are no error, their tokens count.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def stats(records: list[RequestRecord], duration_s: float) -> dict:
     row = {
         "requests": len(records),
         "ok": len(ok),
-        "errors": sum(1 for r in records if r.status not in ("ok", "http_429")),
+        "errors": sum(1 for r in records if r.status not in ("ok", "http_429", "cancelled")),
+        "cancelled": sum(1 for r in records if r.status == "cancelled"),
         "http_429": sum(1 for r in records if r.status == "http_429"),
         "prompt_tokens_mean": round(sum(r.prompt_tokens for r in ok) / len(ok), 1) if ok else None,
         "completion_tokens": tokens,
@@ -301,7 +303,7 @@ def plot_share(summary: list[dict], path: Path, dpi: int) -> None:
 # ---- HTML -------------------------------------------------------------------------------------
 
 PLOTS = ("percentiles.png", "tokens_per_s.png", "latency_over_time.png", "tenant_share.png")
-COLUMNS = ("tenant", "rank", "zipf_p", "share", "requests", "errors", "http_429",
+COLUMNS = ("tenant", "rank", "zipf_p", "share", "requests", "errors", "http_429", "cancelled",
            "completion_tokens", "tokens_per_s", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms",
            "itl_p50_ms", "itl_p90_ms", "itl_p99_ms", "tpot_p50_ms")  # fmt: skip
 

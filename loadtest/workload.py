@@ -202,22 +202,31 @@ class Shape:
 
 class PoissonClock:
     """One user's share of a Poisson arrival process: the superposition of `users` independent
-    clocks of rate `rate / users` is a Poisson process of rate `rate`. `wait(now, rate, users)`
-    is how long to sleep before the next arrival (0 when it is already due: the user was still
-    busy with the previous request, and the arrival is sent late, `now - next_at`)."""
+    clocks of rate `rate / users` is a Poisson process of rate `rate`.
 
-    def __init__(self, rng: random.Random, now: float):
+    `wait(now, rate, users)`: seconds until this clock's next arrival (0: it is due, or overdue
+    when the user was still busy with the previous request; it is then sent late,
+    `now - next_at`). When the rate differs from the one the pending arrival was drawn with, the
+    pending arrival is drawn afresh from `now` with the new rate (exact for a Poisson process,
+    which is memoryless), so a step in the rate takes effect at once. `sent()` after each arrival
+    sent schedules the next one."""
+
+    def __init__(self, rng: random.Random):
         self.rng = rng
-        self.next_at = now
-        self.started = False
+        self.next_at = 0.0
+        self.per_user: float | None = None
 
     def wait(self, now: float, rate: float, users: int) -> float:
-        if not self.started:  # a random phase, so users do not arrive together
-            self.started = True
-            self.next_at = now + self.rng.expovariate(rate / users)
-        else:
-            self.next_at += self.rng.expovariate(rate / users)
+        per_user = rate / users
+        if per_user != self.per_user:
+            if self.per_user is None or self.next_at > now:
+                self.next_at = now + self.rng.expovariate(per_user)
+            self.per_user = per_user
         return max(0.0, self.next_at - now)
+
+    def sent(self) -> None:
+        assert self.per_user is not None, "wait() first"
+        self.next_at += self.rng.expovariate(self.per_user)
 
 
 # ---- the per-request record --------------------------------------------------------------------

@@ -150,19 +150,27 @@ def test_bad_shape_specs_are_refused(spec):
         Shape.parse(spec)
 
 
-def test_poisson_clocks_superpose_to_the_rate():
-    """32 users' clocks at rate/32 each: arrivals at `rate` overall with exponential gaps."""
-    rate, users, horizon = 4.0, 32, 2000.0
+def _arrivals(rate_at, users: int, horizon: float, seed: int = 0) -> list[float]:
+    """Arrivals of `users` idle users (each sends exactly when its clock says), the rate a
+    function of time, looking at it at least every 0.5 s as the locustfile does."""
     arrivals = []
     for u in range(users):
-        clock = PoissonClock(random.Random(u), now=0.0)
+        clock = PoissonClock(random.Random(f"{seed}-{u}"))
         now = 0.0
-        while True:
-            now += clock.wait(now, rate, users)  # the user is idle: it sends exactly on time
-            if now > horizon:
-                break
-            arrivals.append(now)
-    arrivals.sort()
+        while now < horizon:
+            delay = clock.wait(now, rate_at(now), users)
+            if delay <= 0:
+                arrivals.append(now)
+                clock.sent()
+            else:
+                now += min(delay, 0.5)
+    return sorted(a for a in arrivals if a < horizon)
+
+
+def test_poisson_clocks_superpose_to_the_rate():
+    """32 users' clocks at rate/32 each: arrivals at `rate` overall with exponential gaps."""
+    rate, horizon = 4.0, 2000.0
+    arrivals = _arrivals(lambda t: rate, 32, horizon)
     assert len(arrivals) / horizon == pytest.approx(rate, rel=0.05)
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     mean = sum(gaps) / len(gaps)
@@ -170,12 +178,26 @@ def test_poisson_clocks_superpose_to_the_rate():
     assert var**0.5 / mean == pytest.approx(1.0, abs=0.08)  # exponential: CV 1
 
 
+def test_poisson_rate_steps_take_effect_at_once():
+    """64 users, 1/s then 6/s after 50 s: each window gets its own rate, although a user's clock
+    at 1/64 per second had its next arrival ~64 s away when the rate stepped up."""
+    shape = Shape.parse("poisson:rate=1,step=5,every=50,max=6,users=64,duration=100")
+    counts = [0, 0, 0, 0]
+    for seed in range(10):
+        for a in _arrivals(lambda t: shape.plan(t).rate, 64, 100.0, seed):
+            counts[int(a // 25)] += 1
+    per_s = [c / 10 / 25 for c in counts]
+    assert per_s[0] == pytest.approx(1, rel=0.2) and per_s[1] == pytest.approx(1, rel=0.2)
+    assert per_s[2] == pytest.approx(6, rel=0.1) and per_s[3] == pytest.approx(6, rel=0.1)
+
+
 def test_poisson_clock_sends_late_arrivals_at_once():
-    clock = PoissonClock(random.Random(0), now=0.0)
-    first = clock.wait(0.0, 1.0, 1)
-    assert first > 0
-    # busy for 100 s: the next arrivals are all due already
+    clock = PoissonClock(random.Random(0))
+    assert clock.wait(0.0, 1.0, 1) > 0
+    clock.sent()
+    # busy for 100 s: the next arrival is overdue, and stays so when the rate changes
     assert clock.wait(100.0, 1.0, 1) == 0.0 and clock.next_at < 100.0
+    assert clock.wait(100.0, 2.0, 1) == 0.0
 
 
 # ---- the record and the report ------------------------------------------------------------------

@@ -190,6 +190,11 @@ def fair_reserve(seats: int) -> int:
     return 0 if seats < 2 else max(1, seats // 8)
 
 
+# A tenant counts as active for this long after its last request came or went, so that a seat
+# stays ready for a light tenant between its requests (one a second or so) while another floods.
+FAIR_RECENT_WINDOW_S = 10.0
+
+
 def reserved_tokens(request) -> float:
     """What a request may cost, in tokens, before it runs (fair sharing charges this when it
     starts and corrects it when it ends): a prompt estimate (about 4 characters a token) plus
@@ -234,7 +239,11 @@ class VLLMEngine:
         # vLLM runs max_num_seqs sequences at once; the rest wait here, served fairly among
         # tenants (by weight, in tokens) instead of first come, first served.
         seats = cfg.max_num_seqs if cfg.fair_sharing else 1_000_000  # off: never queues here
-        self.fair_queue = FairQueue(seats, reserve=fair_reserve(seats) if cfg.fair_sharing else 0)
+        self.fair_queue = (
+            FairQueue(seats, reserve=fair_reserve(seats), recent_window_s=FAIR_RECENT_WINDOW_S)
+            if cfg.fair_sharing
+            else FairQueue(seats)
+        )
 
     async def start(self) -> None:
         from starlette.datastructures import State

@@ -14,9 +14,14 @@ in Serving Large Language Models"):
   is not saved up to flood later, yet its next request goes first at the next free seat.
 - Priority classes come first: every waiting request of a lower `priority` value (0 interactive,
   1 batch) goes before any of a higher one. Within a tenant and class: first in, first out.
-- `reserve` seats are kept from any single tenant (a tenant holds at most seats - reserve), so a
-  light tenant starts at once even while another floods, at the price of leaving them idle when
-  only one tenant has work. 0 = purely work-conserving.
+- Seats are held back from any single tenant so that another tenant's request starts at once
+  even while one floods: at least `reserve`, and, with `recent_window_s`, one for each other
+  tenant active in that window (waiting, running, or seen within it), up to half the seats. A
+  fixed reserve of 2 left the third of three light tenants waiting for a flooder's release
+  (seconds) whenever all three had a request in flight; one seat per active tenant does not.
+  The price: seats left idle while only one tenant has work, for at most the window after the
+  others went quiet. A tenant holding no seat may always start one request, so the cap never
+  starves a wide (n > 1) request. reserve 0 and no window = purely work-conserving.
 - The order is strict: when the next request needs more seats than are free (n > 1), later ones
   wait too, so a wide request is never starved by a stream of narrow ones. A tenant at its
   reserve cap is skipped instead, since its own release is what it waits for.
@@ -65,16 +70,27 @@ class _Tenant:
     running: int = 0  # seats held
     waiting: int = 0  # requests queued, all priorities
     last_grant: int = 0  # when it was last admitted, in grants
+    last_seen: float = float("-inf")  # clock time of its last arrival or release
 
 
 class FairQueue:
     """Admission to one replica's `seats` by virtual token counter (see the module docstring)."""
 
-    def __init__(self, seats: int, reserve: int = 0, clock: Callable[[], float] = time.monotonic):
-        if seats < 1 or not 0 <= reserve < seats:
-            raise ValueError(f"need seats >= 1 and 0 <= reserve < seats, got {seats}, {reserve}")
+    def __init__(
+        self,
+        seats: int,
+        reserve: int = 0,
+        recent_window_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if seats < 1 or not 0 <= reserve < seats or recent_window_s < 0:
+            raise ValueError(
+                "need seats >= 1, 0 <= reserve < seats, recent_window_s >= 0; "
+                f"got {seats}, {reserve}, {recent_window_s}"
+            )
         self.seats = seats
         self.reserve = reserve
+        self.recent_window_s = recent_window_s
         self._clock = clock
         self._free = seats
         self._tenants: dict[str, _Tenant] = {}
@@ -90,8 +106,15 @@ class FairQueue:
 
     @property
     def tenant_cap(self) -> int:
-        """The most seats one tenant may hold."""
+        """The most seats one tenant may hold whoever else is active (one request of a tenant
+        holding none may always start, up to this many seats)."""
         return self.seats - self.reserve
+
+    def held_back(self, other_active_tenants: int) -> int:
+        """Seats kept from one tenant while `other_active_tenants` others are active."""
+        if not self.recent_window_s:
+            return self.reserve
+        return max(self.reserve, min(other_active_tenants, self.seats // 2))
 
     async def acquire(
         self, tenant: str, *, weight: float = 1.0, priority: int = 0, seats: int = 1, cost: float
@@ -102,6 +125,7 @@ class FairQueue:
                 f"need weight > 0, cost >= 0, seats >= 1; got {weight}, {cost}, {seats}"
             )
         state = self._tenants.setdefault(tenant, _Tenant())
+        state.last_seen = self._clock()
         if state.waiting == 0 and state.running == 0:
             state.counter = max(state.counter, self._lift_to(tenant))
         waiter = _Waiter(
@@ -130,6 +154,7 @@ class FairQueue:
         if actual_cost is not None:
             state.counter += (actual_cost - ticket.cost) / ticket.weight
         state.running -= ticket.seats
+        state.last_seen = self._clock()
         self._free += ticket.seats
         self._note_idle(ticket.tenant)
         self._dispatch()
@@ -172,15 +197,26 @@ class FairQueue:
         waiter.queued = False
         self._tenants[waiter.tenant].waiting -= 1
 
+    def _active_tenants(self) -> int:
+        """Tenants waiting, running, or seen within the recent window."""
+        if not self.recent_window_s:
+            return 0
+        since = self._clock() - self.recent_window_s
+        return sum(
+            1 for t in self._tenants.values() if t.waiting or t.running or t.last_seen >= since
+        )
+
     def _next(self) -> _Waiter | None:
         """The waiter whose turn it is: lowest priority value, then lowest counter; on equal
         counters (a newcomer lifted to a flooder's) the tenant holding fewer seats, then the one
         admitted longest ago, so the newcomer goes first; then arrival. Tenants at their cap are
         passed over."""
+        # Every tenant with a waiter is active itself: the others are one fewer.
+        cap = self.seats - self.held_back(self._active_tenants() - 1)
         best, best_key = None, None
         for (priority, tenant), queue in self._queues.items():
             head, state = queue[0], self._tenants[tenant]
-            if state.running + head.seats > self.tenant_cap:
+            if state.running and state.running + head.seats > cap:
                 continue
             key = (priority, state.counter, state.running, state.last_grant, head.seq)
             if best_key is None or key < best_key:

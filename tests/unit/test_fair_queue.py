@@ -103,6 +103,72 @@ def test_reserve_starts_a_light_request_at_once_while_one_tenant_floods():
     run(scenario)
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_seat_is_held_for_each_other_recently_active_tenant():
+    """The flood measured on CPU: with a fixed reserve of 2, the third of three light tenants
+    waited for a flooder's release whenever the other two held the reserved seats. With the
+    window, the flooder leaves one seat per other active tenant, so each light request starts
+    at once, even when all three light tenants are in flight together."""
+
+    async def scenario():
+        clock = FakeClock()
+        queue = FairQueue(seats=16, reserve=2, recent_window_s=10.0, clock=clock)
+        drive = Driver(queue)
+        lights = ["globex", "initech", "umbrella"]
+        for name in lights:  # each light tenant came and went a moment ago
+            queue.release(await queue.acquire(name, cost=10), actual_cost=10)
+        clock.now += 3.0
+        for _ in range(40):
+            drive.submit("acme", cost=1000)
+        await settle()
+        assert len(drive.granted) == 13 and queue.free_seats == 3  # 16 - one per light tenant
+        for name in lights:  # all three at once: no release needed
+            drive.submit(name, cost=10)
+        await settle()
+        assert drive.tenants()[-3:] == lights and queue.free_seats == 0
+        # Light tenants gone quiet past the window: the flooder gets their seats back as seats
+        # free, all but the fixed reserve.
+        for ticket in drive.granted[-3:]:
+            queue.release(ticket, actual_cost=10)
+        clock.now += 10.5
+        queue.release(drive.granted[0], actual_cost=1000)
+        await settle()
+        assert drive.tenants()[-5:] == lights + ["acme"] * 2
+        assert queue.snapshot()["acme"]["running"] == 14 and queue.free_seats == 2
+
+    run(scenario)
+
+
+def test_held_back_seats_are_bounded_and_never_starve_a_wide_request():
+    async def scenario():
+        clock = FakeClock()
+        queue = FairQueue(seats=8, reserve=1, recent_window_s=10.0, clock=clock)
+        assert [queue.held_back(n) for n in (0, 1, 3, 20)] == [1, 1, 3, 4]  # at most half
+        drive = Driver(queue)
+        for i in range(10):  # ten tenants each holding a seat ... then most leave
+            drive.submit(f"t{i}", cost=1)
+        await settle()
+        while running := drive.running():
+            for ticket in running:
+                queue.release(ticket, actual_cost=1)
+            await settle()
+        assert len(drive.granted) == 10
+        wide = await queue.acquire("wide", cost=1, seats=7)  # holds nothing: may start 7
+        assert wide.seats == 7
+        drive.submit("wide", cost=1)  # but not an eighth seat while the others are recent
+        await settle()
+        assert queue.free_seats == 1 and drive.tenants().count("wide") == 0
+
+    run(scenario)
+
+
 def test_a_tenant_at_its_cap_does_not_hold_the_line():
     """The reserve cap passes over the capped tenant; it waits for its own release only."""
 
@@ -313,6 +379,8 @@ def test_bad_arguments_are_refused():
         FairQueue(seats=4, reserve=4)
     with pytest.raises(ValueError):
         FairQueue(seats=0)
+    with pytest.raises(ValueError):
+        FairQueue(seats=4, recent_window_s=-1)
 
     async def scenario():
         with pytest.raises(ValueError):

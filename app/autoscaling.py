@@ -3,34 +3,57 @@
 Ray Serve's default policy counts ongoing requests. For LLM engines the scarce resource is often
 the KV cache (long contexts) or the batch itself (many short requests), so this policy sizes the
 deployment by whichever is tighter, per replica, from the stats each engine replica publishes
-through `record_autoscaling_stats` (app/engine.py):
+through `record_autoscaling_stats` (app/engine.py; "waiting" includes the replica's fair queue):
 
     load(replica) = max(kv_cache_usage / target_kv_cache_usage,
                         (running + waiting) / target_requests_per_replica)
-    desired       = ceil(sum of loads
-                         + requests queued at the handles / target_requests_per_replica)
+    load          = sum of loads + requests queued at the handles / target_requests_per_replica
+    up            = ceil(load)
+    down to d     only when load <= d * downscale_headroom (each of d replicas <= 80% loaded)
 
-Serve still applies upscale/downscale delays and min/max replicas on top of the returned number.
+The headroom band is the hysteresis: a load hovering around a whole number of replicas does not
+flap between two counts. Serve still applies upscale/downscale delays and min/max replicas on
+top of the returned number, and drains a replica before stopping it (its in-flight and queued
+requests finish; Serve counts them as the replica's ongoing requests). Scale to zero: set
+`min_replicas: 0` (off by default); a request arriving then is queued at the handle, which this
+policy counts, and Serve's cold-start path starts a replica at once.
+
+Every change of the wanted count is logged (Serve controller log) with the inputs that led to it.
 Use it with `autoscaling_config.policy: {policy_function: app.autoscaling:utilization_policy,
 policy_kwargs: {...}}`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 from app.contract import AutoscalingStat
 
+logger = logging.getLogger("ray.serve")
+
+
+def desired_replicas(load: float, current: int, downscale_headroom: float) -> int:
+    """Replicas for `load` (in replicas' worth of work), from `current`, with hysteresis."""
+    up = math.ceil(load - 1e-9)
+    if up >= current:
+        return up
+    return min(current, max(up, math.ceil(load / downscale_headroom - 1e-9)))
+
 
 def utilization_policy(
-    ctx, target_kv_cache_usage: float = 0.7, target_requests_per_replica: float = 32.0
+    ctx,
+    target_kv_cache_usage: float = 0.7,
+    target_requests_per_replica: float = 32.0,
+    downscale_headroom: float = 0.8,
 ) -> tuple[int, dict[str, Any]]:
     metrics = ctx.aggregated_metrics or {}
     kv = metrics.get(AutoscalingStat.KV_CACHE_USAGE.value, {})
     running = metrics.get(AutoscalingStat.RUNNING_REQUESTS.value, {})
     waiting = metrics.get(AutoscalingStat.WAITING_REQUESTS.value, {})
     replicas = set(kv) | set(running) | set(waiting)
+    queued = ctx.total_queued_requests or 0.0
     if replicas:
         load = sum(
             max(
@@ -39,10 +62,25 @@ def utilization_policy(
             )
             for r in replicas
         )
-        load += (ctx.total_queued_requests or 0.0) / target_requests_per_replica
+        load += queued / target_requests_per_replica
     else:  # no engine stats yet (replicas starting): fall back to request counts
-        load = (ctx.total_num_requests or 0.0) / target_requests_per_replica
-    desired = math.ceil(load - 1e-9)
+        load = max(ctx.total_num_requests or 0.0, queued) / target_requests_per_replica
+    current = getattr(ctx, "current_num_replicas", len(replicas))
+    desired = desired_replicas(load, current, downscale_headroom)
     lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
     desired = max(lo, min(hi, desired))
-    return desired, {"load": load}
+
+    state = dict(getattr(ctx, "policy_state", None) or {})
+    if state.get("wanted") != desired:
+        logger.info(
+            "autoscaling %s: want %d replicas (now %d): load %.2f from kv %s, running %s, "
+            "waiting %s, queued at handles %.0f",
+            getattr(ctx, "deployment_name", "?"), desired, current, load,
+            _rounded(kv), _rounded(running), _rounded(waiting), queued,
+        )  # fmt: skip
+    state.update(wanted=desired, load=round(load, 3))
+    return desired, state
+
+
+def _rounded(per_replica: dict) -> dict:
+    return {str(r)[-8:]: round(float(v), 2) for r, v in per_replica.items()}

@@ -489,7 +489,10 @@ class EngineDeployment:
         load = self.llm.load
         return {
             AutoscalingStat.RUNNING_REQUESTS.value: float(load.running),
-            AutoscalingStat.WAITING_REQUESTS.value: float(load.waiting),
+            # Requests in our fair queue wait for vLLM as much as those in vLLM's own queue.
+            AutoscalingStat.WAITING_REQUESTS.value: float(
+                load.waiting + self.llm.fair_queue.waiting_requests
+            ),
             AutoscalingStat.KV_CACHE_USAGE.value: float(load.kv_cache_usage),
         }
 

@@ -105,6 +105,10 @@ class FairQueue:
         return self._free
 
     @property
+    def waiting_requests(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    @property
     def tenant_cap(self) -> int:
         """The most seats one tenant may hold whoever else is active (one request of a tenant
         holding none may always start, up to this many seats)."""

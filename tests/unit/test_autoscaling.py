@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from app.autoscaling import utilization_policy
 
 
-def ctx(kv=None, running=None, waiting=None, queued=0.0, total=0.0, lo=1, hi=8):
+def ctx(kv=None, running=None, waiting=None, queued=0.0, total=0.0, lo=1, hi=8, current=None):
     metrics = {
         "kv_cache_usage": kv or {},
         "running_requests": running or {},
@@ -19,6 +19,11 @@ def ctx(kv=None, running=None, waiting=None, queued=0.0, total=0.0, lo=1, hi=8):
         total_num_requests=total,
         capacity_adjusted_min_replicas=lo,
         capacity_adjusted_max_replicas=hi,
+        current_num_replicas=len(set(metrics["kv_cache_usage"]) | set(metrics["running_requests"]))
+        if current is None
+        else current,
+        policy_state={},
+        deployment_name="Engine",
     )
 
 
@@ -39,3 +44,30 @@ def test_idle_scales_down_to_min_and_respects_max():
 
 def test_falls_back_to_request_count_before_stats_arrive():
     assert utilization_policy(ctx(total=100.0))[0] == 4
+
+
+def test_hysteresis_scales_down_only_below_the_headroom():
+    # 3 replicas, load 1.9: two would be 95% loaded, above the 80% headroom: stay at 3.
+    running = {"a": 20.8, "b": 20.8, "c": 19.2}  # 60.8 / 32 = 1.9
+    assert utilization_policy(ctx(running=running))[0] == 3
+    # load 1.5: two replicas at 75% each: go down to 2 (never below ceil(load)).
+    running = {"a": 16.0, "b": 16.0, "c": 16.0}
+    assert utilization_policy(ctx(running=running))[0] == 2
+    # Scaling up has no band: load 2.1 on 2 replicas wants 3 at once.
+    assert utilization_policy(ctx(running={"a": 33.6, "b": 33.6}))[0] == 3
+
+
+def test_a_change_of_the_wanted_count_is_logged_with_its_inputs(caplog):
+    c = ctx(running={"a": 64.0}, waiting={"a": 32.0}, current=1)
+    with caplog.at_level("INFO", logger="ray.serve"):
+        n, state = utilization_policy(c)
+        c.policy_state = state
+        utilization_policy(c)  # same decision: not logged again
+    assert n == 3 and state["wanted"] == 3
+    lines = [r.getMessage() for r in caplog.records if "autoscaling" in r.getMessage()]
+    assert len(lines) == 1 and "want 3 replicas (now 1)" in lines[0] and "load 3.00" in lines[0]
+
+
+def test_scale_to_zero_when_allowed_and_back_up_from_queued_requests():
+    assert utilization_policy(ctx(kv={"a": 0.0}, lo=0))[0] == 0
+    assert utilization_policy(ctx(queued=3.0, lo=0, current=0))[0] == 1

@@ -549,6 +549,7 @@ def route_pairs(
         sorter,
         call.pdl,
         options.sort_warps,
+        options.sort_block,
     )
 
 

@@ -82,6 +82,7 @@ def sort_pairs(
     sorter: str,
     pdl: dict,
     sort_warps: int | None = None,
+    sort_block: int | None = None,
 ) -> PairRouting:
     """Group the active pairs by (slot, expert) into tiles of <= block_m pairs."""
     m, top_k = topk_ids.shape
@@ -162,7 +163,7 @@ def sort_pairs(
     sorter = {"countr": "count", "count4r": "count4"}.get(sorter, sorter)
     key = torch.empty(p, dtype=torch.int32, device=dev)
     rank = torch.empty(p, dtype=torch.int32, device=dev)
-    block = 1024
+    block = sort_block or 1024
     grid = (triton.cdiv(p, block),)
     route = dict(TOPK=top_k, E=num_experts, HAS_ENABLED=has_en, BLOCK=block)
     if sorter == "count4":

@@ -33,6 +33,7 @@ class LaunchOptions:
     # measured ones)
     sorter: str | None = None
     sort_warps: int | None = None  # count1/count1r only: warps of the one sorting program
+    sort_block: int | None = None  # count/countr/count4: pairs per counting program (1024)
     block_m: int | None = None  # grouped only: pairs per tile
     pdl: bool | None = None  # programmatic dependent launch
     prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead
@@ -85,11 +86,14 @@ def grouped_block_m(cfg: dict, num_pairs: int, num_groups: int, rank: int) -> in
 def choose_sorter(cfg: dict, num_pairs: int, num_groups: int) -> str:
     """The one-program tl.sort up to onepass_sort_max_pairs, then the one-program counting sort
     up to count1_max_pairs (and count1_max_groups: its scan reads every group's counter), then
-    the four-launch counting sort (many programs)."""
+    the two-launch counting sort with relaxed counting atomics up to countr_max_pairs (round
+    four), then the four-launch counting sort (many programs)."""
     if num_pairs <= cfg["onepass_sort_max_pairs"]:
         return "onepass"
     if num_pairs <= cfg["count1_max_pairs"] and num_groups <= cfg["count1_max_groups"]:
         return cfg["count1_sorter"]  # "count1" or "count1r" (relaxed atomics, round four)
+    if num_pairs <= cfg["countr_max_pairs"]:
+        return "countr"
     return "count4"
 
 

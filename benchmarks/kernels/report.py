@@ -33,9 +33,12 @@ def shipped_us(r: dict, cfg: dict | None, ran: dict | None) -> tuple[float, str]
     ran_unroll = (ran or {}).get("unroll_ksplit_max_pairs", 0)
     if ran_unroll < p <= cfg["unroll_ksplit_max_pairs"] and "ours_unrolled_us" in r:
         return r["ours_unrolled_us"], "unrolled"
-    if "ours_count4_us" in r and r.get("our_path", "").endswith("-count1"):
-        if choose_sorter(cfg, p, r["adapters"] * shape.experts) == "count4":
-            return r["ours_count4_us"], "count4"
+    # The pair sorter the plan picks now, if the run timed it forced beside its own choice.
+    path = r.get("our_path", "")
+    if path.startswith("tile-grouped"):
+        now = choose_sorter(cfg, p, r["adapters"] * shape.experts)
+        if not path.endswith(f"-{now}") and f"ours_{now}_us" in r:
+            return r[f"ours_{now}_us"], now
     return r["ours_us"], ""
 
 
@@ -144,7 +147,8 @@ def side_by_side(layer, single):
     for k, r in key.items():
         w13 = sing.get((*k, "w13"), {})
         w2 = sing.get((*k, "w2"), {})
-        how = {"unrolled": " (unrolled sum)", "count4": " -> count4 (now)"}.get(r["ship_how"], "")
+        how = r["ship_how"]
+        how = " (unrolled sum)" if how == "unrolled" else (f" -> {how} (now)" if how else "")
         plan = r.get("our_path", "") + how
 
         def f(d, name, fmt):

@@ -110,6 +110,38 @@ def part_single(results):
     return "\n".join(out)
 
 
+CONFIRM_CELLS = [  # the plan as shipped after the full run, and variants around the last loser
+    ("qwen3-30b-a3b", 16, 1, 512, False),
+    ("qwen3-30b-a3b", 16, 1, 256, False),
+    ("qwen3-30b-a3b", 16, 8, 256, True),
+    ("qwen3-30b-a3b", 16, 1, 1024, False),
+    ("gpt-oss-20b", 16, 1, 1024, False),
+]
+_R = dict(mode="grouped", sorter="countr")
+CONFIRM_VARIANTS = {
+    "auto": {},
+    "countr": _R,
+    "r_b512": {**_R, "sort_block": 512},
+    "r_b2048": {**_R, "sort_block": 2048},
+    "r_nopf": {**_R, "prefetch": False},
+    "r_w2": {**_R, "waves": 2},
+    "r_w8": {**_R, "waves": 8},
+    "r_bm16": {**_R, "block_m": 16},
+    "r_bm64": {**_R, "block_m": 64},
+    "r_en128": {**_R, "expand": {"BLOCK_N": 128}},
+    "r_ew8": {**_R, "expand": {"num_warps": 8}},
+    "r_sk64": {**_R, "shrink": {"BLOCK_K": 64}},
+}
+
+
+def part_confirm(results):
+    global SINGLE_CELLS, SINGLE_VARIANTS
+    SINGLE_CELLS, SINGLE_VARIANTS = CONFIRM_CELLS, CONFIRM_VARIANTS
+    table = part_single(results)
+    results["confirm"] = results.pop("single")
+    return table
+
+
 # ---------------------------------------------------------------------------------------------
 
 GEMV_CFGS = {
@@ -283,6 +315,14 @@ def main():
         if "single" in parts:
             tables.append(part_single(results))
             log(f"[{time.time() - t0:.0f}s] single done")
+        if "stress2" in parts:
+            results.setdefault("stress", {})
+            stress_sort.stress(["countr"], args.cases, _cpu_gen(2028), results)
+            stress_sort.op_checks(["countr"], 40, _cpu_gen(2029), results)
+            log(f"[{time.time() - t0:.0f}s] stress2 done")
+        if "confirm" in parts:
+            tables.append(part_confirm(results))
+            log(f"[{time.time() - t0:.0f}s] confirm done")
         if "fused" in parts:
             tables.append(part_fused(results, peak))
             log(f"[{time.time() - t0:.0f}s] fused done")

@@ -539,6 +539,9 @@ def route_pairs(
         return naive_routing(p)
     bm = options.block_m or grouped_block_m(call.cfg, p, groups, rank)
     sorter = options.sorter or choose_sorter(call.cfg, p, groups)
+    sort_block = options.sort_block
+    if sort_block is None and sorter == "countr":
+        sort_block = call.cfg["countr_sort_block"]
     return sort_pairs(
         topk_ids.contiguous(),
         token_slots.contiguous(),
@@ -549,7 +552,7 @@ def route_pairs(
         sorter,
         call.pdl,
         options.sort_warps,
-        options.sort_block,
+        sort_block,
     )
 
 

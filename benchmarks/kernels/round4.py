@@ -110,6 +110,27 @@ def part_single(results):
     return "\n".join(out)
 
 
+FINAL_CELLS = [  # the cells still slower than vLLM after round three, three times each
+    ("qwen3-30b-a3b", 16, 1, 512, False),
+    ("qwen3-30b-a3b", 16, 1, 256, False),
+    ("qwen3-30b-a3b", 16, 8, 256, True),
+] * 3
+FINAL_VARIANTS = {
+    "auto": {},
+    "count1r": dict(mode="grouped", sorter="count1r"),
+    "countr": dict(mode="grouped", sorter="countr"),
+    "count1r_en128": dict(mode="grouped", sorter="count1r", expand={"BLOCK_N": 128}),
+}
+
+
+def part_final(results):
+    global SINGLE_CELLS, SINGLE_VARIANTS
+    SINGLE_CELLS, SINGLE_VARIANTS = FINAL_CELLS, FINAL_VARIANTS
+    table = part_single(results)
+    results["final"] = results.pop("single")
+    return table
+
+
 CONFIRM_CELLS = [  # the plan as shipped after the full run, and variants around the last loser
     ("qwen3-30b-a3b", 16, 1, 512, False),
     ("qwen3-30b-a3b", 16, 1, 256, False),
@@ -323,6 +344,9 @@ def main():
         if "confirm" in parts:
             tables.append(part_confirm(results))
             log(f"[{time.time() - t0:.0f}s] confirm done")
+        if "final" in parts:
+            tables.append(part_final(results))
+            log(f"[{time.time() - t0:.0f}s] final done")
         if "fused" in parts:
             tables.append(part_fused(results, peak))
             log(f"[{time.time() - t0:.0f}s] fused done")

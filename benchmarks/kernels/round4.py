@@ -131,6 +131,45 @@ def part_final(results):
     return table
 
 
+BN_CELLS = [  # grouped BLOCK_M 32 cells: the expand's BLOCK_N 64 (plan) vs 128, both methods
+    ("qwen3-30b-a3b", 16, 1, 256),
+    ("qwen3-30b-a3b", 64, 1, 256),
+    ("gpt-oss-20b", 16, 1, 512),
+    ("gpt-oss-20b", 16, 4, 512),
+    ("qwen3-30b-a3b", 16, 1, 512),
+    ("gpt-oss-20b", 16, 1, 1024),
+    ("qwen3-30b-a3b", 16, 1, 1024),
+]
+BN_VARIANTS = {"auto": {}, "en128": dict(expand={"BLOCK_N": 128})}
+
+
+def part_bn(results, peak):
+    from benchmarks.kernels.bench import Group, time_cell
+
+    vllm = vllm_ops.VllmLoRA()
+    gen = torch.Generator(device=DEV).manual_seed(77)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    rows = []
+    out = ["| cell | method | vLLM | auto | en128 |", "|---|---|---|---|---|"]
+    for model, rank, n_act, m in BN_CELLS:
+        for r in time_single(vllm, model, rank, n_act, m, False, gen, BN_VARIANTS):
+            rows.append({**r, "method": "single"})
+        grp = Group(model, n_act, rank, gen)
+        r = time_cell(vllm, grp, m, False, gen, l2, BN_VARIANTS, peak)
+        rows.append({**r, "method": "layer", "proj": "w13+w2"})
+        del grp
+        torch.cuda.empty_cache()
+        for r in rows[-3:]:
+            line = (
+                f"| {model[:5]} r{rank} a{n_act} M{m} {r['proj']} | {r['method']} | "
+                f"{r['vllm_us']:.1f} | {r['ours_auto_us']:.1f} | {r['ours_en128_us']:.1f} |"
+            )
+            out.append(line)
+            log(line)
+        results["bn"] = rows
+    return "\n".join(out)
+
+
 CONFIRM_CELLS = [  # the plan as shipped after the full run, and variants around the last loser
     ("qwen3-30b-a3b", 16, 1, 512, False),
     ("qwen3-30b-a3b", 16, 1, 256, False),
@@ -358,6 +397,9 @@ def main():
             results["stress"]["countr_block512"] = results["stress"].pop("countr")
             stress_sort.tps.sort_pairs = orig
             log(f"[{time.time() - t0:.0f}s] stress3 done")
+        if "bn" in parts:
+            tables.append(part_bn(results, peak))
+            log(f"[{time.time() - t0:.0f}s] bn done")
         if "final" in parts:
             tables.append(part_final(results))
             log(f"[{time.time() - t0:.0f}s] final done")

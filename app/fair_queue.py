@@ -15,10 +15,11 @@ in Serving Large Language Models"):
 - Priority classes come first: every waiting request of a lower `priority` value (0 interactive,
   1 batch) goes before any of a higher one. Within a tenant and class: first in, first out.
 - Seats are held back from any single tenant so that another tenant's request starts at once
-  even while one floods: at least `reserve`, and, with `recent_window_s`, one for each other
-  tenant active in that window (waiting, running, or seen within it), up to half the seats. A
-  fixed reserve of 2 left the third of three light tenants waiting for a flooder's release
-  (seconds) whenever all three had a request in flight; one seat per active tenant does not.
+  even while one floods: at least `reserve`, and, with `recent_window_s`, `seats_per_active`
+  for each other tenant active in that window (waiting, running, or seen within it), up to half
+  the seats. A fixed reserve of 2 left the third of three light tenants waiting for a flooder's
+  release (seconds) whenever all three had a request in flight; a seat per active tenant still
+  left one waiting whenever a light tenant had two requests in flight at once.
   The price: seats left idle while only one tenant has work, for at most the window after the
   others went quiet. A tenant holding no seat may always start one request, so the cap never
   starves a wide (n > 1) request. reserve 0 and no window = purely work-conserving.
@@ -81,16 +82,19 @@ class FairQueue:
         seats: int,
         reserve: int = 0,
         recent_window_s: float = 0.0,
+        seats_per_active: int = 1,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if seats < 1 or not 0 <= reserve < seats or recent_window_s < 0:
+        if seats < 1 or not 0 <= reserve < seats or recent_window_s < 0 or seats_per_active < 0:
             raise ValueError(
-                "need seats >= 1, 0 <= reserve < seats, recent_window_s >= 0; "
-                f"got {seats}, {reserve}, {recent_window_s}"
+                "need seats >= 1, 0 <= reserve < seats, recent_window_s >= 0, "
+                f"seats_per_active >= 0; got {seats}, {reserve}, {recent_window_s}, "
+                f"{seats_per_active}"
             )
         self.seats = seats
         self.reserve = reserve
         self.recent_window_s = recent_window_s
+        self.seats_per_active = seats_per_active
         self._clock = clock
         self._free = seats
         self._tenants: dict[str, _Tenant] = {}
@@ -118,7 +122,8 @@ class FairQueue:
         """Seats kept from one tenant while `other_active_tenants` others are active."""
         if not self.recent_window_s:
             return self.reserve
-        return max(self.reserve, min(other_active_tenants, self.seats // 2))
+        wanted = other_active_tenants * self.seats_per_active
+        return max(self.reserve, min(wanted, self.seats // 2))
 
     async def acquire(
         self, tenant: str, *, weight: float = 1.0, priority: int = 0, seats: int = 1, cost: float

@@ -151,6 +151,8 @@ def test_held_back_seats_are_bounded_and_never_starve_a_wide_request():
         clock = FakeClock()
         queue = FairQueue(seats=8, reserve=1, recent_window_s=10.0, clock=clock)
         assert [queue.held_back(n) for n in (0, 1, 3, 20)] == [1, 1, 3, 4]  # at most half
+        two_each = FairQueue(seats=16, reserve=2, recent_window_s=10.0, seats_per_active=2)
+        assert [two_each.held_back(n) for n in (0, 1, 3, 5)] == [2, 2, 6, 8]
         drive = Driver(queue)
         for i in range(10):  # ten tenants each holding a seat ... then most leave
             drive.submit(f"t{i}", cost=1)

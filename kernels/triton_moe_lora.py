@@ -579,6 +579,16 @@ def _launch_tiles(
         waves = cfg["waves_big"]
     target = (opts.waves or waves) * call.sms
     sc, ec = tile_config(bm, rank, k_dim)
+    # Round four: 32-row tiles of small batches and rank <= 16 expand in 128 columns when N has
+    # no partial column tile (measured better in both methods only there; docs/kernels.md).
+    if (
+        not naive
+        and bm == 32
+        and rank <= cfg["bm32_bn128_max_rank"]
+        and p <= cfg["bm32_bn128_max_pairs"]
+        and n_dim % 128 == 0
+    ):
+        ec["BLOCK_N"] = 128
     sc.update(opts.shrink or {})
     ec.update(opts.expand or {})
     block_k = sc["BLOCK_K"]

@@ -287,6 +287,7 @@ def test_bm64_without_prefetch_and_more_splits(kind):
     for options in (
         LaunchOptions(mode="grouped", block_m=64, prefetch=False),
         LaunchOptions(mode="grouped", block_m=16, waves=8),
+        LaunchOptions(mode="grouped", block_m=32, expand={"BLOCK_N": 128}),
     ):
         check(kind, c, options, torch.float32)
 

@@ -26,6 +26,7 @@ PATHS = {
     "grouped-count1": LaunchOptions(mode="grouped", sorter="count1"),
     "grouped-count1r": LaunchOptions(mode="grouped", sorter="count1r"),
     "grouped-countr": LaunchOptions(mode="grouped", sorter="countr"),
+    "grouped-bm32-bn128": LaunchOptions(mode="grouped", block_m=32, expand={"BLOCK_N": 128}),
     "grouped-count4": LaunchOptions(mode="grouped", sorter="count4"),
     "auto": LaunchOptions(),
 }

@@ -22,6 +22,7 @@ from app.adapter_files import AdapterStorageConfig
 from app.builtin_model import BUILTIN, BUILTIN_MODEL_NAME, cache_root
 from app.quotas import TenantLimits
 from app.request_policy import RequestLimits
+from app.usage import UsageConfig
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -175,6 +176,7 @@ class AppConfig(_Strict):
     gateway: GatewayConfig | None = None
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     adapter_storage: AdapterStorageConfig = Field(default_factory=AdapterStorageConfig)
+    usage: UsageConfig = Field(default_factory=UsageConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

@@ -48,6 +48,7 @@ from app.metrics import EngineMetrics
 from app.model_files import resolve_adapter_path, resolve_model_path
 from app.openai_errors import error_body
 from app.replica_env import reset_niceness
+from app.usage import UsageConfig, UsageFile, UsageLedger
 
 logger = get_logger("engine")
 
@@ -238,6 +239,8 @@ class VLLMEngine:
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self._in_flight: Counter[str] = Counter()  # requests per adapter engine name
         self.metrics = None  # EngineMetrics inside a Ray replica
+        self.usage = UsageLedger()
+        self._busy_exported = 0.0  # of usage.busy_seconds, in the busy-seconds counter
         # vLLM runs max_num_seqs sequences at once; the rest wait here, served fairly among
         # tenants (by weight, in tokens) instead of first come, first served.
         seats = cfg.max_num_seqs if cfg.fair_sharing else 1_000_000  # off: never queues here
@@ -382,7 +385,9 @@ class VLLMEngine:
             wait = time.monotonic() - queued_at
             self.metrics.queue_wait.observe(wait, tags={"tenant": context.tenant})
         self._in_flight[in_flight] += 1
+        mark = self.usage.enter()
         used_tokens = None
+        tokens: tuple[int | None, int | None] = (None, None)  # prompt, completion (vLLM's)
         try:
             raw_request = _serving_request()
             try:
@@ -400,23 +405,33 @@ class VLLMEngine:
                     yield names.to_client(chunk)
                 usage = getattr(raw_request.state, "request_metadata", None)
                 usage = usage.final_usage_info if usage is not None else None
-                used_tokens = usage.total_tokens if usage else None
-                yield ReplyTail(
-                    usage.prompt_tokens if usage else None,
-                    usage.completion_tokens if usage else None,
-                )
+                if usage:
+                    used_tokens = usage.total_tokens
+                    tokens = (usage.prompt_tokens, usage.completion_tokens)
+                yield ReplyTail(*tokens)
             else:
                 usage = result.usage
-                used_tokens = usage.total_tokens if usage else None
+                if usage:
+                    used_tokens = usage.total_tokens
+                    tokens = (usage.prompt_tokens, usage.completion_tokens)
                 yield ReplyHead(
                     ReplyKind.JSON,
                     body=names.to_client(result.model_dump_json()).encode(),
-                    prompt_tokens=usage.prompt_tokens if usage else None,
-                    completion_tokens=usage.completion_tokens if usage else None,
+                    prompt_tokens=tokens[0],
+                    completion_tokens=tokens[1],
                 )
         finally:
             self._in_flight[in_flight] -= 1
             self.fair_queue.release(seat, used_tokens)
+            self._charge(mark, context.tenant, *tokens)
+
+    def _charge(self, mark: float, tenant: str, prompt: int | None, completion: int | None) -> None:
+        engine_seconds = self.usage.leave(mark, tenant, prompt, completion)
+        if self.metrics:
+            self.metrics.engine_seconds.inc(engine_seconds, tags={"tenant": tenant})
+            busy = self.usage.busy_seconds
+            self.metrics.busy_seconds.inc(busy - self._busy_exported)
+            self._busy_exported = busy
 
     @property
     def serving(self) -> bool:
@@ -446,17 +461,39 @@ class VLLMEngine:
 class EngineDeployment:
     """Ray Serve replica around one VLLMEngine: one method per endpoint (app/contract.py)."""
 
-    async def __init__(self, engine: EngineConfig, storage: AdapterStorageConfig):
+    async def __init__(
+        self, engine: EngineConfig, storage: AdapterStorageConfig, usage: UsageConfig
+    ):
         reset_niceness()  # before vLLM starts its processes: they inherit it
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.llm = VLLMEngine(engine, storage, replica_id)
         self.llm.metrics = EngineMetrics()
+        self._usage_file = UsageFile(usage.dir, replica_id) if usage.dir else None
         # Start the engine in the constructor: the replica counts as running (and gets traffic)
         # only once vLLM is ready to serve.
         t0 = time.monotonic()
         await self.llm.start()
         logger.info("vLLM engine started in %.1fs", time.monotonic() - t0)
-        self._watch = asyncio.get_running_loop().create_task(self._exit_when_engine_dies())
+        loop = asyncio.get_running_loop()
+        self._watch = loop.create_task(self._exit_when_engine_dies())
+        if self._usage_file:
+            self._usage_writer = loop.create_task(self._write_usage(usage.period_s))
+
+    async def _write_usage(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self._flush_usage()
+
+    def _flush_usage(self) -> None:
+        try:
+            self._usage_file.append(self.llm.usage.take_period())
+        except OSError:  # a full or unwritable disk must not stop serving; the metrics remain
+            logger.exception("usage file %s not written", self._usage_file.path)
+
+    def __del__(self):
+        # Serve calls this on a graceful stop (scale-down, redeploy): the last partial period.
+        if getattr(self, "_usage_file", None):
+            self._flush_usage()
 
     async def _exit_when_engine_dies(self) -> None:
         """vLLM's engine never recovers once its EngineCore has died, and while this replica

@@ -43,7 +43,7 @@ def build_app(args: dict[str, Any]) -> Application:
         options["autoscaling_config"] = dep.autoscaling_config
     else:
         options["num_replicas"] = dep.num_replicas
-    engine = EngineDeployment.options(**options).bind(cfg.engine, cfg.adapter_storage)
+    engine = EngineDeployment.options(**options).bind(cfg.engine, cfg.adapter_storage, cfg.usage)
     # Small shared state, no model: no CPU reserved, so they fit beside the engines anywhere.
     registry = RegistryService.options(ray_actor_options={"num_cpus": 0}).bind(
         cfg.registry_path, cfg.tenants, cfg.adapters, (cfg.engine.served_model_name,)

@@ -19,6 +19,8 @@ and of each engine replica (`EngineMetrics`; Ray adds the replica label):
     moelora_adapter_loads_total{outcome}                    loaded | rejected
     moelora_adapter_load_seconds                            fetch + validate + load into vLLM
     moelora_resident_adapters{tier}                         accelerator (slots) | cpu (memory)
+    moelora_tenant_engine_seconds_total{tenant}             engine time charged (app/usage.py)
+    moelora_engine_busy_seconds_total                       time with requests inside the engine
 """
 
 from __future__ import annotations
@@ -104,6 +106,16 @@ class EngineMetrics:
             "moelora_adapter_load_seconds",
             description="Fetch, validation and load of an adapter version into vLLM.",
             boundaries=LATENCY_BOUNDARIES_S,
+        )
+        self.engine_seconds = Counter(
+            "moelora_tenant_engine_seconds_total",
+            description="Engine time charged to a tenant: each busy second shared equally "
+            "among the requests inside the engine.",
+            tag_keys=("tenant",),
+        )
+        self.busy_seconds = Counter(
+            "moelora_engine_busy_seconds_total",
+            description="Time this engine had requests inside it (the sum of all charges).",
         )
         self.resident = Gauge(
             "moelora_resident_adapters",

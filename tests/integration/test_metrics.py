@@ -90,3 +90,70 @@ def test_engine_replicas_export_queueing_and_adapter_metrics(server):
     assert sample(text, "ray_moelora_adapter_load_seconds_count") >= 1
     text = scrape_until(r'^ray_moelora_resident_adapters\{.*tier="cpu"', 60)
     assert sample(text, "ray_moelora_resident_adapters", tier="cpu") >= 1
+
+
+def _counter_sums(text: str) -> dict[str, float]:
+    """Totals over all label sets of the counters that usage accounting reconciles."""
+    names = {
+        "engine_seconds": "ray_moelora_tenant_engine_seconds_total",
+        "busy_seconds": "ray_moelora_engine_busy_seconds_total",
+        "prompt": "ray_moelora_prompt_tokens_total",
+        "completion": "ray_moelora_completion_tokens_total",
+        "vllm_prompt": "ray_vllm_prompt_tokens_total",
+        "vllm_generation": "ray_vllm_generation_tokens_total",
+    }
+    sums = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        for key, name in names.items():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                sums[key] += float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+def _settled_sums(previous: dict[str, float] | None = None, timeout_s: float = 90) -> dict:
+    """Counter totals once two scrapes 12 s apart agree (Ray exports every ~10 s) and, given
+    `previous`, once they have moved past it."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        now = _counter_sums(httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text)
+        moved = previous is None or now["vllm_generation"] > previous["vllm_generation"]
+        if now == last and moved:
+            return now
+        last = now
+        time.sleep(12)
+    raise AssertionError(f"counters did not settle: {last}")
+
+
+def test_usage_per_tenant_adds_up_to_the_engines_own_totals(server):
+    """Usage accounting (issue 11): over a mixed burst from every tenant, the per-tenant token
+    counters add up to vLLM's own prompt and generation token counters, and the engine time
+    charged to tenants adds up to the engines' busy time, each within 1%."""
+    import concurrent.futures
+
+    before = _settled_sums()
+
+    def one(i: int) -> tuple[int, int]:
+        tenant = list(KEYS)[i % len(KEYS)]
+        body = chat_body(
+            model=OWN_ADAPTER[tenant] if i % 3 else chat_body()["model"],
+            max_tokens=4 + (i * 7) % 29,
+            ignore_eos=True,
+            messages=[{"role": "user", "content": "word " * (3 + i % 17)}],
+        )
+        resp = post("/v1/chat/completions", body, key=KEYS[tenant])
+        assert resp.is_success, resp.text
+        usage = resp.json()["usage"]
+        return usage["prompt_tokens"], usage["completion_tokens"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answered = list(pool.map(one, range(32)))
+    prompt, completion = (sum(col) for col in zip(*answered, strict=True))
+
+    after = _settled_sums(before)
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["prompt"] == prompt and delta["completion"] == completion, (delta, answered)
+    assert delta["vllm_prompt"] == pytest.approx(delta["prompt"], rel=0.01), delta
+    assert delta["vllm_generation"] == pytest.approx(delta["completion"], rel=0.01), delta
+    assert delta["busy_seconds"] > 0
+    assert delta["engine_seconds"] == pytest.approx(delta["busy_seconds"], rel=0.01), delta

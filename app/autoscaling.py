@@ -33,6 +33,30 @@ from app.contract import AutoscalingStat
 
 logger = logging.getLogger("ray.serve")
 
+_load_gauge = None  # made in the process running the policy (Serve's controller)
+
+
+def _export_load(deployment: str, load: float) -> None:
+    """The policy's input, `moelora_autoscaling_load{deployment}` (Serve itself exports the
+    target and running replicas)."""
+    global _load_gauge
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        if _load_gauge is None:
+            from ray.util.metrics import Gauge
+
+            _load_gauge = Gauge(
+                "moelora_autoscaling_load",
+                description="Engine work in replicas' worth, as the autoscaling policy saw it.",
+                tag_keys=("deployment",),
+            )
+        _load_gauge.set(load, tags={"deployment": deployment})
+    except Exception:  # noqa: BLE001 - metrics must never break scaling (e.g. outside Ray)
+        pass
+
 
 def desired_replicas(load: float, current: int, downscale_headroom: float) -> int:
     """Replicas for `load` (in replicas' worth of work), from `current`, with hysteresis."""
@@ -70,6 +94,7 @@ def utilization_policy(
     lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
     desired = max(lo, min(hi, desired))
 
+    _export_load(str(getattr(ctx, "deployment_name", "")), load)
     state = dict(getattr(ctx, "policy_state", None) or {})
     if state.get("wanted") != desired:
         logger.info(

@@ -14,6 +14,10 @@ adapter sticks to one replica before the next stats arrive). A load bound keeps 
 adapter from piling onto one replica while others idle: a replica stays in tiers 1-2 only while
 its queue is at most `imbalance_threshold` longer than the least loaded candidate's.
 Replicas whose stats say their engine failed are skipped.
+
+Each decision is counted by the tier of the replica chosen (`moelora_routing_decisions_total
+{tier}`: accelerator, cpu, cold, or base for requests without an adapter), so the dashboards
+show how often a request lands where its adapter already is.
 """
 
 from __future__ import annotations
@@ -27,6 +31,27 @@ from app.contract import RoutingStats
 
 # How long a routing decision of this router counts as "the adapter is there" by itself.
 RECENT_ROUTE_TTL_S = 30.0
+
+_decisions_counter = None  # one per process: a router is made for every configured handle
+
+
+def _decisions():
+    """The routing-decisions counter, inside a Ray worker (None elsewhere, e.g. unit tests)."""
+    global _decisions_counter
+    if _decisions_counter is None:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.serve.metrics import Counter
+
+        _decisions_counter = Counter(
+            "moelora_routing_decisions_total",
+            description="Engine replicas chosen by the adapter-aware router, by the tier the "
+            "chosen replica was in for the request's adapter.",
+            tag_keys=("tier",),
+        )
+    return _decisions_counter
 
 
 def serving_replicas(candidates: list[RunningReplica]) -> list[RunningReplica]:
@@ -78,8 +103,26 @@ class AdapterAffinityRequestRouter(RequestRouter):
         adapter = pending_request.metadata.multiplexed_model_id if pending_request else ""
         return self.rank(serving_replicas(candidate_replicas), adapter)
 
+    def tier_of(self, adapter: str, replica: RunningReplica | None) -> str:
+        """Where `replica` stood for `adapter` when it was chosen."""
+        if not adapter:
+            return "base"
+        if replica is not None and self._recently_sent(adapter, replica, time.monotonic()):
+            return "accelerator"
+        stats = RoutingStats.parse(replica.routing_stats if replica is not None else {})
+        if adapter in stats.accelerator_adapters:
+            return "accelerator"
+        return "cpu" if adapter in stats.cpu_adapters else "cold"
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result):
         adapter = pending_request.metadata.multiplexed_model_id
+        counter = _decisions()
+        if counter is not None:
+            try:
+                replica = self.curr_replicas.get(replica_id)
+            except AttributeError:  # a router made without Serve's state (unit tests)
+                replica = None
+            counter.inc(1, tags={"tier": self.tier_of(adapter, replica)})
         if adapter:
             self._recent_routes.setdefault(adapter, {})[replica_id] = time.monotonic()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from app.autoscaling import utilization_policy
@@ -57,14 +58,24 @@ def test_hysteresis_scales_down_only_below_the_headroom():
     assert utilization_policy(ctx(running={"a": 33.6, "b": 33.6}))[0] == 3
 
 
-def test_a_change_of_the_wanted_count_is_logged_with_its_inputs(caplog):
+def test_a_change_of_the_wanted_count_is_logged_with_its_inputs():
     c = ctx(running={"a": 64.0}, waiting={"a": 32.0}, current=1)
-    with caplog.at_level("INFO", logger="ray.serve"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    serve_logger = logging.getLogger("ray.serve")  # where Serve's controller log comes from
+    level = serve_logger.level
+    serve_logger.addHandler(handler)
+    serve_logger.setLevel(logging.INFO)
+    try:
         n, state = utilization_policy(c)
         c.policy_state = state
         utilization_policy(c)  # same decision: not logged again
+    finally:
+        serve_logger.removeHandler(handler)
+        serve_logger.setLevel(level)
     assert n == 3 and state["wanted"] == 3
-    lines = [r.getMessage() for r in caplog.records if "autoscaling" in r.getMessage()]
+    lines = [r.getMessage() for r in records if "autoscaling" in r.getMessage()]
     assert len(lines) == 1 and "want 3 replicas (now 1)" in lines[0] and "load 3.00" in lines[0]
 
 

@@ -68,3 +68,16 @@ def test_replicas_whose_engine_failed_are_skipped():
     assert serving_replicas([dead, ok, COLD]) == [ok, COLD]
     # Every replica failed: all of them, so the request is refused at once instead of waiting.
     assert serving_replicas([dead]) == [dead]
+
+
+def test_each_decision_is_classified_by_the_tier_of_the_chosen_replica():
+    router = make_router()
+    assert [router.tier_of("a", r) for r in (GPU, CPU, COLD)] == ["accelerator", "cpu", "cold"]
+    assert router.tier_of("", COLD) == "base" and router.tier_of("a", None) == "cold"
+
+    class Pending:
+        class metadata:
+            multiplexed_model_id = "a"
+
+    router.on_request_routed(Pending, "cold", None)  # sent there: resident from now on
+    assert router.tier_of("a", COLD) == "accelerator"

@@ -3,7 +3,7 @@
 A MoE-LoRA tile is either ONE pair ("naive": no metadata at all; for batches whose pairs rarely
 share a (slot, expert) weight block) or up to BLOCK_M pairs of ONE (slot, expert) group
 ("grouped": the block is read once for all of them). Grouping needs the pairs sorted by
-group; the pair sorters do it (the plan picks onepass, count1 or count4):
+group; the pair sorters do it (the plan picks onepass, count1r, countr or count4):
 
   onepass  ONE program packs (key = slot*E + expert, pair) into an int32, tl.sort's it, finds
            each pair's rank inside its key run with a segmented scan and writes the tile table

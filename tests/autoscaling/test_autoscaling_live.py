@@ -23,7 +23,7 @@ from tests.integration.app_under_test import BASE, KEYS, MESSAGES, app_args, run
 PORT = 8775
 METRICS_PORT = 8776
 APP = "moelora"
-ENGINE = "EngineDeployment"
+ENGINE = "Engine"
 MAX_TOKENS = 48
 
 

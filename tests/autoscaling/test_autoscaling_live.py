@@ -28,13 +28,12 @@ MAX_TOKENS = 48
 
 
 def engine_replicas() -> tuple[int, int]:
-    """(running replicas, target) of the engine deployment, from Serve's own status."""
+    """(running, all: starting, running, stopping...) replicas of the engine deployment, from
+    Serve's own status."""
     from ray import serve
 
-    dep = serve.status().applications[APP].deployments[ENGINE]
-    running = dep.replica_states.get("RUNNING", 0)
-    target = getattr(getattr(dep, "autoscaling_status", None), "target_num_replicas", None)
-    return running, target if target is not None else running
+    states = serve.status().applications[APP].deployments[ENGINE].replica_states
+    return states.get("RUNNING", 0), sum(states.values())
 
 
 class Load:

@@ -20,8 +20,8 @@ import pytest
 
 from tests.integration.app_under_test import BASE, KEYS, MESSAGES, app_args, running_app
 
-PORT = 8775
-METRICS_PORT = 8776
+PORT = 8783
+METRICS_PORT = 8784
 APP = "moelora"
 ENGINE = "Engine"
 MAX_TOKENS = 48

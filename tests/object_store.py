@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -50,3 +51,9 @@ def s3_server() -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def upload_directory(client, bucket: str, prefix: str, directory: Path) -> None:
+    """Every file of `directory` to s3://bucket/prefix/<name> (`client`: a boto3 S3 client)."""
+    for f in Path(directory).iterdir():
+        client.upload_file(str(f), bucket, f"{prefix}/{f.name}")

@@ -5,6 +5,8 @@ talk to it."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -50,6 +52,37 @@ def app_args() -> dict:
         "tenants": demo["tenants"],
         "adapters": demo["adapters"],
     }
+
+
+@contextmanager
+def running_app(
+    args: dict,
+    port: int = PORT,
+    metrics_port: int = METRICS_PORT,
+    include_dashboard: bool = False,
+    **ray_init: object,
+) -> Iterator[str]:
+    """A fresh local Ray node in this process (Prometheus metrics on `metrics_port`) running the
+    app built from `args` on 127.0.0.1:`port`; yields the base URL; shut down on exit."""
+    import ray
+    from ray import serve
+
+    from app.main import build_app
+
+    ray.init(
+        num_cpus=8,
+        include_dashboard=include_dashboard,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        **ray_init,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(args), name="moelora", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def client(tenant: str) -> openai.OpenAI:

@@ -2,22 +2,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.app_under_test import BASE_URL, METRICS_PORT, PORT, app_args
+from tests.integration.app_under_test import app_args, running_app
 
 
 @pytest.fixture(scope="package")
 def server(builtin):
     """The app, started once for every integration test module."""
-    import ray
-    from ray import serve
-
-    from app.main import build_app
-
-    ray.init(
-        num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(app_args()), name="moelora", route_prefix="/")
-    yield BASE_URL
-    serve.shutdown()
-    ray.shutdown()
+    with running_app(app_args()) as base_url:
+        yield base_url

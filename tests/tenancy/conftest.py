@@ -5,8 +5,8 @@ import shutil
 import pytest
 
 from app.tenancy import hash_api_key
-from tests.integration.app_under_test import METRICS_PORT, PORT, app_args
-from tests.object_store import DUMMY_AWS_ENV, s3_server
+from tests.integration.app_under_test import app_args, running_app
+from tests.object_store import DUMMY_AWS_ENV, s3_server, upload_directory
 from tests.tenancy.admin_client import ADMIN_KEY, BUCKET, S3_ADAPTERS
 
 
@@ -19,14 +19,12 @@ def s3(builtin, tmp_path_factory):
         client = boto3.client("s3", endpoint_url=endpoint_url)
         client.create_bucket(Bucket=BUCKET)
         for prefix, demo in S3_ADAPTERS.items():
-            for f in builtin.adapter(demo).iterdir():
-                client.upload_file(str(f), BUCKET, f"{prefix}/{f.name}")
+            upload_directory(client, BUCKET, prefix, builtin.adapter(demo))
         # A pickled checkpoint beside valid files: must be refused without being opened.
         broken = tmp_path_factory.mktemp("broken")
         shutil.copytree(builtin.adapter("acme-support"), broken / "a")
         (broken / "a" / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
-        for f in (broken / "a").iterdir():
-            client.upload_file(str(f), BUCKET, f"pickled/{f.name}")
+        upload_directory(client, BUCKET, "pickled", broken / "a")
         yield endpoint_url
 
 
@@ -34,11 +32,6 @@ def s3(builtin, tmp_path_factory):
 def server(s3, tmp_path_factory):
     """The app with 2 ingress replicas (limits must hold across them), 1 engine replica, the
     admin API on, adapters from the S3 server, a fresh registry file."""
-    import ray
-    from ray import serve
-
-    from app.main import build_app
-
     state = tmp_path_factory.mktemp("state")
     args = app_args()
     args["ingress"] = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.25}}
@@ -50,11 +43,5 @@ def server(s3, tmp_path_factory):
         "cache_dir": str(state / "adapters"),
         "object_store": {"endpoint_url": s3},
     }
-    ray.init(
-        num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app(args), name="moelora", route_prefix="/")
-    yield state
-    serve.shutdown()
-    ray.shutdown()
+    with running_app(args):
+        yield state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -16,6 +17,7 @@ from tests.integration.app_under_test import (
     chat_body,
     post,
 )
+from tests.integration.conftest import USAGE_PERIOD_S
 
 pytestmark = pytest.mark.engine
 
@@ -125,13 +127,23 @@ def _settled_sums(previous: dict[str, float] | None = None, timeout_s: float = 9
     raise AssertionError(f"counters did not settle: {last}")
 
 
-def test_usage_per_tenant_adds_up_to_the_engines_own_totals(server):
+def _usage_lines(usage_dir) -> dict[str, list[dict]]:
+    """Each engine replica's usage lines so far, by file."""
+    return {
+        path.name: [json.loads(line) for line in path.read_text().splitlines()]
+        for path in usage_dir.glob("usage-*.jsonl")
+    }
+
+
+def test_usage_per_tenant_adds_up_to_the_engines_own_totals(server, usage_dir):
     """Usage accounting (issue 11): over a mixed burst from every tenant, the per-tenant token
     counters add up to vLLM's own prompt and generation token counters, and the engine time
-    charged to tenants adds up to the engines' busy time, each within 1%."""
+    charged to tenants adds up to the engines' busy time, each within 1%; the usage files get
+    exactly the burst's requests and tokens, per tenant."""
     import concurrent.futures
 
-    before = _settled_sums()
+    before = _settled_sums()  # quiet for 12 s: every earlier request is in a written period
+    lines_before = {name: len(lines) for name, lines in _usage_lines(usage_dir).items()}
 
     def one(i: int) -> tuple[int, int]:
         tenant = list(KEYS)[i % len(KEYS)]
@@ -149,6 +161,12 @@ def test_usage_per_tenant_adds_up_to_the_engines_own_totals(server):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answered = list(pool.map(one, range(32)))
     prompt, completion = (sum(col) for col in zip(*answered, strict=True))
+    by_tenant: dict[str, list[int]] = {}
+    for i, (p, c) in enumerate(answered):
+        totals = by_tenant.setdefault(list(KEYS)[i % len(KEYS)], [0, 0, 0])
+        totals[0] += 1
+        totals[1] += p
+        totals[2] += c
 
     after = _settled_sums(before)
     delta = {k: after[k] - before[k] for k in after}
@@ -157,3 +175,19 @@ def test_usage_per_tenant_adds_up_to_the_engines_own_totals(server):
     assert delta["vllm_generation"] == pytest.approx(delta["completion"], rel=0.01), delta
     assert delta["busy_seconds"] > 0
     assert delta["engine_seconds"] == pytest.approx(delta["busy_seconds"], rel=0.01), delta
+
+    time.sleep(2 * USAGE_PERIOD_S)  # the burst's last period is written
+    written: dict[str, list[float]] = {}
+    new_lines = [
+        line
+        for name, lines in _usage_lines(usage_dir).items()
+        for line in lines[lines_before.get(name, 0) :]
+    ]
+    for line in new_lines:
+        totals = written.setdefault(line["tenant"], [0, 0, 0, 0.0])
+        for k, key in enumerate(("requests", "prompt_tokens", "completion_tokens")):
+            totals[k] += line[key]
+        totals[3] += line["engine_seconds"]
+    assert {t: v[:3] for t, v in written.items()} == by_tenant
+    charged = sum(v[3] for v in written.values())
+    assert charged == pytest.approx(delta["busy_seconds"], rel=0.01), (written, delta)

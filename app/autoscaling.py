@@ -18,7 +18,8 @@ requests finish; Serve counts them as the replica's ongoing requests). Scale to 
 `min_replicas: 0` (off by default); a request arriving then is queued at the handle, which this
 policy counts, and Serve's cold-start path starts a replica at once.
 
-Every change of the wanted count is logged (Serve controller log) with the inputs that led to it.
+Every change of the wanted count is logged (Serve controller log) with the inputs that led to it,
+and the inputs again every `log_every_s` while it holds.
 Use it with `autoscaling_config.policy: {policy_function: app.autoscaling:utilization_policy,
 policy_kwargs: {...}}`.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from app.contract import AutoscalingStat
@@ -71,6 +73,7 @@ def utilization_policy(
     target_kv_cache_usage: float = 0.7,
     target_requests_per_replica: float = 32.0,
     downscale_headroom: float = 0.8,
+    log_every_s: float = 60.0,
 ) -> tuple[int, dict[str, Any]]:
     metrics = ctx.aggregated_metrics or {}
     kv = metrics.get(AutoscalingStat.KV_CACHE_USAGE.value, {})
@@ -96,13 +99,16 @@ def utilization_policy(
 
     _export_load(str(getattr(ctx, "deployment_name", "")), load)
     state = dict(getattr(ctx, "policy_state", None) or {})
-    if state.get("wanted") != desired:
+    now = time.monotonic()
+    changed = state.get("wanted") != desired
+    if changed or now - state.get("logged_at", 0.0) >= log_every_s:
         logger.info(
-            "autoscaling %s: want %d replicas (now %d): load %.2f from kv %s, running %s, "
+            "autoscaling %s: %s %d replicas (now %d): load %.2f from kv %s, running %s, "
             "waiting %s, queued at handles %.0f",
-            getattr(ctx, "deployment_name", "?"), desired, current, load,
-            _rounded(kv), _rounded(running), _rounded(waiting), queued,
+            getattr(ctx, "deployment_name", "?"), "want" if changed else "holds", desired,
+            current, load, _rounded(kv), _rounded(running), _rounded(waiting), queued,
         )  # fmt: skip
+        state["logged_at"] = now
     state.update(wanted=desired, load=round(load, 3))
     return desired, state
 

@@ -90,7 +90,11 @@ def wait_for(predicate, timeout_s: float, what: str) -> float:
         if predicate():
             return time.monotonic() - start
         time.sleep(1.0)
-    raise AssertionError(f"not within {timeout_s:.0f}s: {what} (replicas {engine_replicas()})")
+    held = controller_log_lines("autoscaling Engine:")[-5:]
+    raise AssertionError(
+        f"not within {timeout_s:.0f}s: {what} (replicas {engine_replicas()}); last decisions:\n"
+        + "\n".join(held)
+    )
 
 
 def controller_log_lines(needle: str) -> list[str]:
@@ -119,8 +123,9 @@ def autoscaled(builtin):
             "look_back_period_s": 3,
             "policy": {
                 "policy_function": "app.autoscaling:utilization_policy",
-                # 8 concurrent streams on one replica = load 2: wants 2 replicas.
-                "policy_kwargs": {"target_requests_per_replica": 4},
+                # 8 concurrent streams: load up to 4, wants 2 (the max); one stream: load
+                # 0.5, below the 0.8 headroom of one replica: back to 1.
+                "policy_kwargs": {"target_requests_per_replica": 2, "log_every_s": 5},
             },
         },
     )
@@ -137,8 +142,8 @@ def test_load_scales_the_engines_up_and_quiet_scales_them_down_dropping_nothing(
     finally:
         heavy_outcomes = heavy.finish()
 
-    # Quiet, but not idle: two long requests stay in flight while a replica is stopped.
-    trickle = Load(autoscaled, streams=2, max_tokens=128)
+    # Quiet, but not idle: a long request stays in flight while a replica is stopped.
+    trickle = Load(autoscaled, streams=1, max_tokens=128)
     try:
         took_down = wait_for(lambda: engine_replicas() == (1, 1), 180, "scale down to 1 replica")
         time.sleep(3.0)  # requests that were on the stopped replica have ended by now

@@ -40,10 +40,17 @@ PCTS = (50, 90, 99)
 TOP_TENANTS = 6  # tenants drawn on their own in the over-time plots; the rest are "others"
 
 
-def _plain_log(ax) -> None:
-    """A log y axis labelled 20, 50, 100 rather than 2x10^1."""
+def _plain_log(ax, zero: bool = False) -> None:
+    """A log y axis labelled 20, 50, 100 rather than 2x10^1; `zero`: linear below 1 (ms), so
+    that ITLs of 0 (tokens that arrived together) stay on the plot."""
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+    if zero:
+        ax.set_yscale("symlog", linthresh=1.0, linscale=0.3)
+        ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        return
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(ScalarFormatter())
@@ -270,7 +277,7 @@ def plot_latency_over_time(ts: list[dict], summary: list[dict], bin_s: float, pa
             xs, ys = _series(ts, t, f"{metric}_p99_ms")
             ax.plot([x + bin_s / 2 for x in xs], ys, lw=0.8, alpha=0.7, label=f"{_short(t)} p99")
         ax.set_ylabel(f"{title} (ms)")
-        _plain_log(ax)
+        _plain_log(ax, zero=metric == "itl")
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=7, ncol=3)
     axes[0].set_title(f"Latency over time ({bin_s:g} s bins): overall p50/p99, top tenants' p99")

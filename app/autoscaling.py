@@ -20,7 +20,7 @@ policy counts, and Serve's cold-start path starts a replica at once.
 
 Every change of the wanted count is logged (Serve controller log) with the inputs that led to it,
 and the inputs again every `log_every_s` while it holds.
-Use it with `autoscaling_config.policy: {policy_function: app.autoscaling:utilization_policy,
+Use it with `autoscaling_config.policy: {policy_function: app.autoscaling:UtilizationPolicy,
 policy_kwargs: {...}}`.
 """
 
@@ -68,49 +68,70 @@ def desired_replicas(load: float, current: int, downscale_headroom: float) -> in
     return min(current, max(up, math.ceil(load / downscale_headroom - 1e-9)))
 
 
-def utilization_policy(
-    ctx,
-    target_kv_cache_usage: float = 0.7,
-    target_requests_per_replica: float = 32.0,
-    downscale_headroom: float = 0.8,
-    log_every_s: float = 60.0,
-) -> tuple[int, dict[str, Any]]:
-    metrics = ctx.aggregated_metrics or {}
-    kv = metrics.get(AutoscalingStat.KV_CACHE_USAGE.value, {})
-    running = metrics.get(AutoscalingStat.RUNNING_REQUESTS.value, {})
-    waiting = metrics.get(AutoscalingStat.WAITING_REQUESTS.value, {})
-    replicas = set(kv) | set(running) | set(waiting)
-    queued = ctx.total_queued_requests or 0.0
-    if replicas:
+class UtilizationPolicy:
+    """The policy (module docstring). A class, because Ray Serve passes `policy_kwargs` only to
+    a class's constructor: for a plain function they are silently ignored."""
+
+    def __init__(
+        self,
+        target_kv_cache_usage: float = 0.7,
+        target_requests_per_replica: float = 32.0,
+        downscale_headroom: float = 0.8,
+        log_every_s: float = 60.0,
+    ):
+        if not (target_kv_cache_usage > 0 and target_requests_per_replica > 0):
+            raise ValueError("targets must be > 0")
+        if not 0 < downscale_headroom <= 1:
+            raise ValueError("downscale_headroom must be in (0, 1]")
+        self.target_kv = target_kv_cache_usage
+        self.target_requests = target_requests_per_replica
+        self.headroom = downscale_headroom
+        self.log_every_s = log_every_s
+        self._logged_at = float("-inf")
+
+    def load(self, ctx) -> tuple[float, dict[str, dict]]:
+        """Replicas' worth of work, and the per-replica inputs it came from."""
+        metrics = ctx.aggregated_metrics or {}
+        inputs = {
+            "kv": metrics.get(AutoscalingStat.KV_CACHE_USAGE.value, {}),
+            "running": metrics.get(AutoscalingStat.RUNNING_REQUESTS.value, {}),
+            "waiting": metrics.get(AutoscalingStat.WAITING_REQUESTS.value, {}),
+        }
+        kv, running, waiting = inputs.values()
+        replicas = set(kv) | set(running) | set(waiting)
+        queued = ctx.total_queued_requests or 0.0
+        if not replicas:  # no engine stats yet (replicas starting): fall back to request counts
+            return max(ctx.total_num_requests or 0.0, queued) / self.target_requests, inputs
         load = sum(
             max(
-                kv.get(r, 0.0) / target_kv_cache_usage,
-                (running.get(r, 0.0) + waiting.get(r, 0.0)) / target_requests_per_replica,
+                kv.get(r, 0.0) / self.target_kv,
+                (running.get(r, 0.0) + waiting.get(r, 0.0)) / self.target_requests,
             )
             for r in replicas
         )
-        load += queued / target_requests_per_replica
-    else:  # no engine stats yet (replicas starting): fall back to request counts
-        load = max(ctx.total_num_requests or 0.0, queued) / target_requests_per_replica
-    current = getattr(ctx, "current_num_replicas", len(replicas))
-    desired = desired_replicas(load, current, downscale_headroom)
-    lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
-    desired = max(lo, min(hi, desired))
+        return load + queued / self.target_requests, inputs
 
-    _export_load(str(getattr(ctx, "deployment_name", "")), load)
-    state = dict(getattr(ctx, "policy_state", None) or {})
-    now = time.monotonic()
-    changed = state.get("wanted") != desired
-    if changed or now - state.get("logged_at", 0.0) >= log_every_s:
-        logger.info(
-            "autoscaling %s: %s %d replicas (now %d): load %.2f from kv %s, running %s, "
-            "waiting %s, queued at handles %.0f",
-            getattr(ctx, "deployment_name", "?"), "want" if changed else "holds", desired,
-            current, load, _rounded(kv), _rounded(running), _rounded(waiting), queued,
-        )  # fmt: skip
-        state["logged_at"] = now
-    state.update(wanted=desired, load=round(load, 3))
-    return desired, state
+    def __call__(self, ctx) -> tuple[int, dict[str, Any]]:
+        load, inputs = self.load(ctx)
+        current = ctx.current_num_replicas
+        desired = desired_replicas(load, current, self.headroom)
+        lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+        desired = max(lo, min(hi, desired))
+        _export_load(str(ctx.deployment_name), load)
+
+        state = dict(ctx.policy_state or {})
+        now = time.monotonic()
+        changed = state.get("wanted") != desired
+        if changed or now - self._logged_at >= self.log_every_s:
+            logger.info(
+                "autoscaling %s: %s %d replicas (now %d): load %.2f from kv %s, running %s, "
+                "waiting %s, queued at handles %.0f",
+                ctx.deployment_name, "want" if changed else "holds", desired, current, load,
+                *(_rounded(v) for v in inputs.values()), ctx.total_queued_requests or 0.0,
+            )  # fmt: skip
+            self._logged_at = now
+        state.update(wanted=desired, load=round(load, 3))
+        return desired, state
 
 
 def _rounded(per_replica: dict) -> dict:

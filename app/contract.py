@@ -134,6 +134,7 @@ class RoutingStats:
 class AutoscalingStat(str, enum.Enum):
     """Keys of `record_autoscaling_stats` (per replica, floats), read by app.autoscaling."""
 
-    RUNNING_REQUESTS = "running_requests"
-    WAITING_REQUESTS = "waiting_requests"
-    KV_CACHE_USAGE = "kv_cache_usage"
+    # Prefixed: Ray Serve's replica reports use "running_requests" for its own ongoing count.
+    RUNNING_REQUESTS = "engine_running_requests"
+    WAITING_REQUESTS = "engine_waiting_requests"
+    KV_CACHE_USAGE = "engine_kv_cache_usage"

@@ -122,7 +122,7 @@ def autoscaled(builtin):
             "metrics_interval_s": 1,
             "look_back_period_s": 3,
             "policy": {
-                "policy_function": "app.autoscaling:utilization_policy",
+                "policy_function": "app.autoscaling:UtilizationPolicy",
                 # 8 concurrent streams: load up to 4, wants 2 (the max); one stream: load
                 # 0.5, below the 0.8 headroom of one replica: back to 1.
                 "policy_kwargs": {"target_requests_per_replica": 2, "log_every_s": 5},

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from app.autoscaling import utilization_policy
+from app.autoscaling import UtilizationPolicy
+from app.contract import AutoscalingStat
+
+utilization_policy = UtilizationPolicy()  # the defaults: 0.7 KV use, 32 requests per replica
 
 
 def ctx(kv=None, running=None, waiting=None, queued=0.0, total=0.0, lo=1, hi=8, current=None):
     metrics = {
-        "kv_cache_usage": kv or {},
-        "running_requests": running or {},
-        "waiting_requests": waiting or {},
+        AutoscalingStat.KV_CACHE_USAGE.value: kv or {},
+        AutoscalingStat.RUNNING_REQUESTS.value: running or {},
+        AutoscalingStat.WAITING_REQUESTS.value: waiting or {},
     }
     return SimpleNamespace(
         aggregated_metrics=metrics,
@@ -20,7 +23,7 @@ def ctx(kv=None, running=None, waiting=None, queued=0.0, total=0.0, lo=1, hi=8, 
         total_num_requests=total,
         capacity_adjusted_min_replicas=lo,
         capacity_adjusted_max_replicas=hi,
-        current_num_replicas=len(set(metrics["kv_cache_usage"]) | set(metrics["running_requests"]))
+        current_num_replicas=len(set(kv or {}) | set(running or {}))
         if current is None
         else current,
         policy_state={},
@@ -58,6 +61,13 @@ def test_hysteresis_scales_down_only_below_the_headroom():
     assert utilization_policy(ctx(running={"a": 33.6, "b": 33.6}))[0] == 3
 
 
+def test_policy_kwargs_reach_the_policy():
+    """Ray Serve gives `policy_kwargs` to a class's constructor only (a plain function silently
+    ran with its defaults: a live test never scaled)."""
+    assert UtilizationPolicy(target_requests_per_replica=2)(ctx(running={"a": 7.0}))[0] == 4
+    assert utilization_policy(ctx(running={"a": 7.0}))[0] == 1
+
+
 def test_a_change_of_the_wanted_count_is_logged_with_its_inputs():
     c = ctx(running={"a": 64.0}, waiting={"a": 32.0}, current=1)
     records: list[logging.LogRecord] = []
@@ -68,9 +78,10 @@ def test_a_change_of_the_wanted_count_is_logged_with_its_inputs():
     serve_logger.addHandler(handler)
     serve_logger.setLevel(logging.INFO)
     try:
-        n, state = utilization_policy(c)
+        policy = UtilizationPolicy()
+        n, state = policy(c)
         c.policy_state = state
-        utilization_policy(c)  # same decision: not logged again
+        policy(c)  # same decision: not logged again
     finally:
         serve_logger.removeHandler(handler)
         serve_logger.setLevel(level)

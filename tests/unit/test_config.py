@@ -41,12 +41,14 @@ def test_gpu_config_builds_the_app_graph_without_starting_engines():
     assert engine.ray_actor_options["num_gpus"] == 1
     autoscaling = engine._deployment_config.autoscaling_config
     assert autoscaling.max_replicas == 8
-    assert autoscaling.policy.policy_function == "app.autoscaling:utilization_policy"
+    assert autoscaling.policy.policy_function == "app.autoscaling:UtilizationPolicy"
     router_cfg = engine._deployment_config.request_router_config
     assert router_cfg.request_router_class == "app.request_router:AdapterAffinityRequestRouter"
-    # The engine is bound with its typed settings and where to keep adapters; tenants and
-    # adapters go to the Registry (which seeds its SQLite file from them), not to the ingress.
-    engine_cfg, storage = engine.init_args
+    assert autoscaling.policy.policy_kwargs["target_requests_per_replica"] == 48
+    # The engine is bound with its typed settings, where to keep adapters and where to write
+    # usage; tenants and adapters go to the Registry (which seeds its SQLite file from them).
+    engine_cfg, storage, usage = engine.init_args
+    assert usage.dir is None and usage.period_s == 60
     assert engine_cfg.served_model_name == "qwen3-30b-a3b"
     assert storage.cache_max_bytes > 0
     registry = app._bound_deployment.init_args[1]._bound_deployment

@@ -32,32 +32,26 @@ import time
 from typing import Any
 
 from app.contract import AutoscalingStat
+from app.metrics import AutoscalingMetrics
 
 logger = logging.getLogger("ray.serve")
 
-_load_gauge = None  # made in the process running the policy (Serve's controller)
+_metrics: AutoscalingMetrics | None = None  # in the process running the policy (the controller)
 
 
 def _export_load(deployment: str, load: float) -> None:
-    """The policy's input, `moelora_autoscaling_load{deployment}` (Serve itself exports the
-    target and running replicas)."""
-    global _load_gauge
+    """The policy's input as a metric (Serve itself exports the target and running replicas)."""
+    global _metrics
     import ray
 
     if not ray.is_initialized():
         return
     try:
-        if _load_gauge is None:
-            from ray.util.metrics import Gauge
-
-            _load_gauge = Gauge(
-                "moelora_autoscaling_load",
-                description="Engine work in replicas' worth, as the autoscaling policy saw it.",
-                tag_keys=("deployment",),
-            )
-        _load_gauge.set(load, tags={"deployment": deployment})
-    except Exception:  # noqa: BLE001 - metrics must never break scaling (e.g. outside Ray)
-        pass
+        if _metrics is None:
+            _metrics = AutoscalingMetrics()
+        _metrics.load.set(load, tags={"deployment": deployment})
+    except Exception:  # noqa: BLE001 - metrics must never break scaling
+        logger.debug("autoscaling load not exported", exc_info=True)
 
 
 def desired_replicas(load: float, current: int, downscale_headroom: float) -> int:

@@ -21,6 +21,14 @@ and of each engine replica (`EngineMetrics`; Ray adds the replica label):
     moelora_resident_adapters{tier}                         accelerator (slots) | cpu (memory)
     moelora_tenant_engine_seconds_total{tenant}             engine time charged (app/usage.py)
     moelora_engine_busy_seconds_total                       time with requests inside the engine
+
+of the adapter-aware request router (`RoutingMetrics`, in each ingress replica):
+
+    moelora_routing_decisions_total{tier}                   accelerator | cpu | cold | base
+
+and of the engine autoscaling policy (`AutoscalingMetrics`, in Serve's controller):
+
+    moelora_autoscaling_load{deployment}                    work in replicas' worth
 """
 
 from __future__ import annotations
@@ -121,4 +129,31 @@ class EngineMetrics:
             "moelora_resident_adapters",
             description="Adapter versions held by this engine, by tier.",
             tag_keys=("tier",),
+        )
+
+
+class RoutingMetrics:
+    """Created by the request router inside a Ray worker (app/request_router.py)."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter
+
+        self.decisions = Counter(
+            "moelora_routing_decisions_total",
+            description="Engine replicas chosen by the adapter-aware router, by the tier the "
+            "chosen replica was in for the request's adapter.",
+            tag_keys=("tier",),
+        )
+
+
+class AutoscalingMetrics:
+    """Created by the autoscaling policy in the process that runs it (app/autoscaling.py)."""
+
+    def __init__(self):
+        from ray.util.metrics import Gauge
+
+        self.load = Gauge(
+            "moelora_autoscaling_load",
+            description="Engine work in replicas' worth, as the autoscaling policy saw it.",
+            tag_keys=("deployment",),
         )

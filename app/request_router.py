@@ -28,30 +28,24 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from app.contract import RoutingStats
+from app.metrics import RoutingMetrics
 
 # How long a routing decision of this router counts as "the adapter is there" by itself.
 RECENT_ROUTE_TTL_S = 30.0
 
-_decisions_counter = None  # one per process: a router is made for every configured handle
+_metrics: RoutingMetrics | None = None  # one per process: a router is made for every handle
 
 
-def _decisions():
-    """The routing-decisions counter, inside a Ray worker (None elsewhere, e.g. unit tests)."""
-    global _decisions_counter
-    if _decisions_counter is None:
+def _routing_metrics() -> RoutingMetrics | None:
+    """Inside a Ray worker; None elsewhere (unit tests)."""
+    global _metrics
+    if _metrics is None:
         import ray
 
         if not ray.is_initialized():
             return None
-        from ray.serve.metrics import Counter
-
-        _decisions_counter = Counter(
-            "moelora_routing_decisions_total",
-            description="Engine replicas chosen by the adapter-aware router, by the tier the "
-            "chosen replica was in for the request's adapter.",
-            tag_keys=("tier",),
-        )
-    return _decisions_counter
+        _metrics = RoutingMetrics()
+    return _metrics
 
 
 def serving_replicas(candidates: list[RunningReplica]) -> list[RunningReplica]:
@@ -116,13 +110,13 @@ class AdapterAffinityRequestRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result):
         adapter = pending_request.metadata.multiplexed_model_id
-        counter = _decisions()
-        if counter is not None:
+        metrics = _routing_metrics()
+        if metrics is not None:
             try:
                 replica = self.curr_replicas.get(replica_id)
             except AttributeError:  # a router made without Serve's state (unit tests)
                 replica = None
-            counter.inc(1, tags={"tier": self.tier_of(adapter, replica)})
+            metrics.decisions.inc(1, tags={"tier": self.tier_of(adapter, replica)})
         if adapter:
             self._recent_routes.setdefault(adapter, {})[replica_id] = time.monotonic()
 

@@ -144,6 +144,17 @@ def tenants_dashboard() -> dashboard.Dashboard:
                 (quantile(0.99, "ray_moelora_fair_queue_wait_seconds", "tenant"), "{{tenant}}"),
             )
         )
+        .with_row(dashboard.Row("Usage"))
+        .with_panel(
+            panel(
+                "Engine time used (engine-seconds/s: share of the fleet's engines)",
+                "short",
+                (
+                    f"sum by (tenant) ({rate('ray_moelora_tenant_engine_seconds_total')})",
+                    "{{tenant}}",
+                ),
+            )
+        )
     )
 
 
@@ -175,6 +186,16 @@ def engines_dashboard() -> dashboard.Dashboard:
                 (
                     quantile(0.99, "ray_moelora_adapter_load_seconds", "replica", where=""),
                     "load time p99 {{replica}}",
+                ),
+            )
+        )
+        .with_panel(
+            panel(
+                "Routing decisions/s by tier (where the chosen replica had the adapter)",
+                "short",
+                (
+                    f"sum by (tier) ({rate('ray_moelora_routing_decisions_total', '')})",
+                    "{{tier}}",
                 ),
             )
         )

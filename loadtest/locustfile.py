@@ -28,7 +28,9 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import random
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +39,7 @@ import gevent
 import locust
 from gevent import GreenletExit
 from locust import HttpUser, LoadTestShape, events, task
+from locust.exception import StopUser
 
 from loadtest.provision import ADAPTER_NAME, Admin, RunTenant, adapter_uri, provision, remove
 from loadtest.workload import (
@@ -48,6 +51,7 @@ from loadtest.workload import (
     ZipfSampler,
     prompt_text,
     tenant_names,
+    zipf_weights,
 )
 
 FLAGS = {  # flag: (default, help)
@@ -80,6 +84,22 @@ def _flags(parser) -> None:
         group.add_argument(
             f"--{flag}", type=type(default), default=default, env_var=env, help=f"{help_} [{env}]"
         )
+
+
+@events.init.add_listener
+def _check_flags(environment, **_) -> None:
+    """Bad shape or distribution specs stop Locust before anything starts."""
+    o = environment.parsed_options
+    if o is None:
+        return
+    try:
+        Shape.parse(o.shape)
+        LengthDist.parse(o.prompt_words)
+        LengthDist.parse(o.output_tokens)
+        zipf_weights(o.tenants, o.zipf_s)
+    except ValueError as exc:
+        logging.error("load test: %s", exc)
+        sys.exit(2)
 
 
 class Run:
@@ -168,11 +188,27 @@ def _start(environment, **_) -> None:
     global RUN
     if RUN is not None and not RUN.removed:
         return
-    RUN = Run(environment)
-    RUN.start()
-    print(f"load test: {len(RUN.tenants)} tenants ready, run directory {RUN.dir}", flush=True)
+    RUN = None
+    try:
+        run = Run(environment)
+    except Exception as exc:  # noqa: BLE001 - a bad flag: say which, and stop
+        return _abort(environment, f"load test: bad parameters: {exc}")
+    try:
+        run.start()
+    except Exception as exc:  # noqa: BLE001 - provision() removed what it had created
+        run.removed = True
+        run._file.close()
+        return _abort(environment, f"load test: could not create the run's tenants: {exc}")
+    RUN = run
+    print(f"load test: {len(run.tenants)} tenants ready, run directory {run.dir}", flush=True)
     if environment.shape_class is not None:  # the shape's clock starts once tenants exist
         environment.shape_class.reset_time()
+
+
+def _abort(environment, message: str) -> None:
+    logging.error(message)
+    environment.process_exit_code = 1
+    gevent.spawn_later(0, environment.runner.quit)
 
 
 @events.test_stop.add_listener
@@ -201,7 +237,8 @@ class ZipfTenants(HttpUser):
     """A connection that sends requests for tenants drawn per request (Zipf)."""
 
     def on_start(self) -> None:
-        assert RUN is not None
+        if RUN is None:  # the run could not start (_abort): send nothing
+            raise StopUser()
         self.run = RUN
         self.rng = random.Random(f"{RUN.options.seed}-user-{next(_user_ids)}")
         self.clock = PoissonClock(self.rng)

@@ -190,4 +190,5 @@ def test_usage_per_tenant_adds_up_to_the_engines_own_totals(server, usage_dir):
         totals[3] += line["engine_seconds"]
     assert {t: v[:3] for t, v in written.items()} == by_tenant
     charged = sum(v[3] for v in written.values())
+    print(f"usage: counters {delta}; usage files {written}")
     assert charged == pytest.approx(delta["busy_seconds"], rel=0.01), (written, delta)

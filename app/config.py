@@ -123,8 +123,12 @@ class IngressDeploymentConfig(_Strict):
 
 
 class RoutingConfig(_Strict):
-    """The adapter-aware request router (app/request_router.py)."""
+    """The engine deployment's request router: ours, adapter-aware (app/request_router.py), or
+    Ray Serve's default (power of two choices; it prefers replicas reporting the request's
+    multiplexed model id, which our engine does not report, so it is blind to adapters). The
+    second exists for comparison (benchmarks/routing/experiment.py)."""
 
+    router: Literal["adapter_affinity", "ray_default"] = "adapter_affinity"
     # An adapter-holding replica is preferred only while its queue is at most this much longer
     # than the least-loaded replica's; beyond that the request goes where capacity is.
     imbalance_threshold: int = Field(default=8, ge=0)

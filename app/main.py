@@ -22,6 +22,17 @@ from app.replica_env import with_replica_env
 from app.tenancy import GatewayTrust
 
 
+def _router_config(cfg: AppConfig) -> RequestRouterConfig:
+    """`routing.router`: ours by default; `ray_default` leaves Ray Serve's own router."""
+    if cfg.routing.router == "ray_default":
+        return RequestRouterConfig(request_routing_stats_period_s=cfg.routing.stats_period_s)
+    return RequestRouterConfig(
+        request_router_class="app.request_router:AdapterAffinityRequestRouter",
+        request_router_kwargs={"imbalance_threshold": cfg.routing.imbalance_threshold},
+        request_routing_stats_period_s=cfg.routing.stats_period_s,
+    )
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """A bad field fails `serve run` here, before anything starts."""
     cfg = AppConfig.from_args(args)
@@ -33,11 +44,7 @@ def build_app(args: dict[str, Any]) -> Application:
         health_check_period_s=dep.health_check_period_s,
         health_check_timeout_s=dep.health_check_timeout_s,
         graceful_shutdown_timeout_s=dep.graceful_shutdown_timeout_s,
-        request_router_config=RequestRouterConfig(
-            request_router_class="app.request_router:AdapterAffinityRequestRouter",
-            request_router_kwargs={"imbalance_threshold": cfg.routing.imbalance_threshold},
-            request_routing_stats_period_s=cfg.routing.stats_period_s,
-        ),
+        request_router_config=_router_config(cfg),
     )
     if dep.autoscaling_config is not None:
         options["autoscaling_config"] = dep.autoscaling_config

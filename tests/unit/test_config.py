@@ -129,3 +129,24 @@ def test_engine_config_becomes_vllm_flags_parsed_by_vllm():
     assert (args.model, args.max_loras, args.enable_lora) == ("/m", 3, True)
     assert args.enforce_eager is False and args.enable_prefix_caching is False
     assert args.max_num_batched_tokens == 4096
+
+
+def _engine_router_class(args: dict) -> str:
+    from app.main import build_app
+
+    app = build_app(args)
+    engine = app._bound_deployment.init_args[0]._bound_deployment
+    return engine._deployment_config.request_router_config.request_router_class
+
+
+def test_router_switch_defaults_to_ours_and_can_pick_rays_default():
+    from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+    assert AppConfig.from_args({}).routing.router == "adapter_affinity"
+    ours = _engine_router_class({})
+    assert ours == "app.request_router:AdapterAffinityRequestRouter"
+    default = _engine_router_class({"routing": {"router": "ray_default"}})
+    assert default.endswith(PowerOfTwoChoicesRequestRouter.__name__)
+    with pytest.raises(ValidationError) as info:
+        AppConfig.from_args({"routing": {"router": "round_robin"}})
+    assert _error_locations(info.value) == ["routing.router"]

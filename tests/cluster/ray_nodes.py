@@ -92,7 +92,25 @@ class Cluster:
     def start_node(
         self, name: str, *, head: bool, num_cpus: int, resources: dict, env: dict | None = None
     ) -> RayNode:
-        """Starts a node and waits until the cluster has it; `env`: this node's own settings."""
+        """Starts a node and waits until the cluster has it; `env`: this node's own settings.
+        A node whose start fails (on a loaded machine its raylet can give up waiting for its
+        agents) is started once more, on fresh ports."""
+        for attempt in range(2):
+            try:
+                return self._start_node(name, head, num_cpus, resources, env)
+            except AssertionError as failure:
+                node = self.nodes.pop()
+                node.stop()
+                if attempt == 1:
+                    raise
+                print(f"ray start of {name} failed; once more. {str(failure)[-600:]}")
+                if head:
+                    self.gcs_port, self.dashboard_port = free_port(), free_port()
+        raise AssertionError("not reached")
+
+    def _start_node(
+        self, name: str, head: bool, num_cpus: int, resources: dict, env: dict | None
+    ) -> RayNode:
         temp_dir = Path(tempfile.mkdtemp(prefix=f"ray-{name}-", dir="/tmp"))  # short: sockets
         metrics_port = free_port()
         args = [

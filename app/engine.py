@@ -238,6 +238,7 @@ class VLLMEngine:
         self.models = None
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self._in_flight: Counter[str] = Counter()  # requests per adapter engine name
+        self._host_pinned: set[str] = set()  # adapter versions pinned in vLLM's host cache
         self.metrics = None  # EngineMetrics inside a Ray replica
         self.usage = UsageLedger()
         self._busy_exported = 0.0  # of usage.busy_seconds, in the busy-seconds counter
@@ -325,9 +326,22 @@ class VLLMEngine:
         return None
 
     async def _pin(self, ref: AdapterRef) -> None:
+        """Pinned on the node's disk always; in vLLM's host cache (our plugin makes that host
+        memory only) while fewer than max_cpu_loras - max_loras are: the cache must keep room
+        for the adapters of a full batch, or vLLM could not load one and its engine would die."""
+        await asyncio.to_thread(self.adapter_files.store.pin, resolve_adapter_path(ref.uri))
         lora = self.models.lora_requests.get(ref.engine_name)
-        if lora is not None and await self.engine.pin_lora(lora.lora_int_id):
-            await asyncio.to_thread(self.adapter_files.store.pin, resolve_adapter_path(ref.uri))
+        room = self.cfg.max_cpu_loras - self.cfg.max_loras - len(self._host_pinned)
+        if lora is None or ref.engine_name in self._host_pinned:
+            return
+        if room <= 0:
+            logger.warning(
+                "adapter %s pinned on disk only: %d already pinned in host memory (at most "
+                "max_cpu_loras - max_loras)", ref.engine_name, len(self._host_pinned),
+            )  # fmt: skip
+            return
+        if await self.engine.pin_lora(lora.lora_int_id):
+            self._host_pinned.add(ref.engine_name)
             logger.info("adapter %s pinned (tenant configured as pinned)", ref.engine_name)
 
     def _retire_older_versions(self, engine_name: str) -> None:
@@ -342,6 +356,7 @@ class VLLMEngine:
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
         await self.models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        self._host_pinned.discard(name)
         logger.info("adapter %s unloaded (replaced by a newer version)", name)
 
     async def cpu_resident_adapters(self) -> list[str]:

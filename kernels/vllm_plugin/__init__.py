@@ -11,6 +11,10 @@ On CPU it installs:
   * an experts backend chosen for unquantized MoE whenever LoRA is enabled, replacing vLLM's
     choice of Triton experts (which cannot run on CPU).
 
+On both devices it makes `pin_lora` pin an adapter in host memory only: vLLM 0.32 also pins it
+in an accelerator slot, which its scheduler does not know, so a batch with `max_loras` other
+adapters then finds one slot short and the engine dies (KeyError in convert_mapping).
+
 On CUDA it replaces PunicaWrapperGPU.add_lora_w13 / add_lora_w2 (the MoE-LoRA hooks of vLLM's
 Triton experts) with our op. On both devices the hooks are kernels/vllm_plugin/moe_hooks.py,
 which enters the op through kernels.moe_lora (Triton backend on CUDA tensors, torch on CPU).
@@ -147,6 +151,18 @@ def _install_cuda() -> None:
     PunicaWrapperGPU.add_lora_w2 = add_lora_w2
 
 
+def _install_host_only_pinning() -> None:
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+
+    def pin_adapter(self, lora_id: int) -> bool:
+        """Pinned in the host (CPU) cache only: never evicted from memory, while the accelerator
+        slots stay the scheduler's to fill (see the module docstring)."""
+        self._pin_lora_in_cpu_cache(lora_id)
+        return True
+
+    LRUCacheLoRAModelManager.pin_adapter = pin_adapter
+
+
 def register() -> None:
     """The `vllm.general_plugins` entry point. Idempotent."""
     global _installed
@@ -155,6 +171,7 @@ def register() -> None:
     check_vllm_version()
     from vllm.platforms import current_platform
 
+    _install_host_only_pinning()
     if current_platform.is_cpu():
         _install_cpu()
     elif current_platform.is_cuda():

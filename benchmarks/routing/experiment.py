@@ -143,7 +143,9 @@ def app_args(router: str, registry_path: str) -> dict:
             "max_ongoing_requests": 64,
             "max_queued_requests": 512,
             "ray_actor_options": {"num_cpus": 1},
-            "env_vars": {"VLLM_LOGGING_LEVEL": "DEBUG"},
+            # nobind: vLLM would pin both replicas to core 0 of this 2-core box (auto binding
+            # reserves the other core), where they starve each other.
+            "env_vars": {"VLLM_LOGGING_LEVEL": "DEBUG", "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
         },
         "routing": {"router": "ray_default" if router == "ray_multiplex" else router},
         "registry": {"path": registry_path},

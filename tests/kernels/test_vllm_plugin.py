@@ -42,3 +42,22 @@ def test_cpu_install_selects_our_experts_and_punica_wrapper():
 
     _, experts_cls = umm.select_unquantized_moe_backend(LoRAConfig())
     assert experts_cls.__name__ == "TorchLoRAExperts"
+
+
+def test_pin_lora_pins_host_memory_only():
+    """vLLM 0.32's pin also holds an accelerator slot its scheduler does not count (the engine
+    died on a full batch of other adapters): the plugin pins in the host cache only."""
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+
+    vllm_plugin.register()
+    calls = []
+
+    class Manager:
+        def _pin_lora_in_cpu_cache(self, lora_id):
+            calls.append(("cpu", lora_id))
+
+        def _pin_lora_in_gpu_cache(self, lora_id):
+            calls.append(("gpu", lora_id))
+
+    assert LRUCacheLoRAModelManager.pin_adapter(Manager(), 7) is True
+    assert calls == [("cpu", 7)]

@@ -374,7 +374,7 @@ def run_one(router: str, args, arrivals: list[Arrival]) -> dict:
         "router": router,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.node()} {psutil.cpu_count()} CPUs, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, load average at start "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, 1-min load average after the run "
         f"{os.getloadavg()[0]:.1f}",
         "versions": _versions(),
         "parameters": {

@@ -202,8 +202,11 @@ def check(report: dict, outcomes: list[Outcome], killed_at: float) -> None:
     assert set(report["in_flight_at_kill"]) <= {"ok", "error_event", "http_503"}, report
     assert report["after_detection_failed"] == 0, report
     assert report["detection_s"] <= DETECTION_BOUND_S, report
-    # Whatever is refused is refused fast, with a 503 (checked in stream_once).
-    assert set(report["after_kill"]) <= {"ok", "http_503"}, report
+    # Whatever is refused is refused fast, with a 503 (checked in stream_once). A request the
+    # victim took in the instant before vLLM noticed its EngineCore was gone (seen: 2 of 106,
+    # 0.28 s after the kill) ends like the ones in flight, with an error event: taken requests
+    # are never retried. After detection nothing fails (asserted above).
+    assert set(report["after_kill"]) <= {"ok", "http_503", "error_event"}, report
     assert report["slowest_refusal_s"] <= FAST_REFUSAL_S, report
     # Enough traffic after the kill that the checks above mean something.
     assert report["after_kill"].get("ok", 0) >= 20, report

@@ -58,13 +58,10 @@ def _plain_log(ax, zero: bool = False) -> None:
 
 
 def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+    """numpy's percentile (linear interpolation between closest ranks); None for no values."""
+    import numpy
+
+    return float(numpy.percentile(values, q)) if len(values) else None
 
 
 def _ms(x: float | None) -> float | None:

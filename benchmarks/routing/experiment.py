@@ -46,7 +46,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import math
 import os
 import platform
 import random
@@ -64,6 +63,7 @@ import httpx
 import psutil
 
 from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_ADAPTERS
+from loadtest.report import percentile
 from loadtest.workload import LengthDist, ZipfSampler, prompt_text
 
 PORT = 8851
@@ -285,15 +285,6 @@ def scrape_counters() -> dict[str, dict[str, float]]:
         k = label.group(1) if label else ""
         by[k] = by.get(k, 0) + float(value)
     return out
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def r3(x: float | None) -> float | None:

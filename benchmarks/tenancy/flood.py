@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import platform
 import random
 import tempfile
@@ -46,6 +45,7 @@ import psutil
 import yaml
 
 from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_TENANTS
+from loadtest.report import percentile
 
 PORT = 8791
 URL = f"http://127.0.0.1:{PORT}/v1/chat/completions"
@@ -250,16 +250,6 @@ async def run_phases(args, load: Load) -> dict:
     await cancel_all(backlog)
     await settle(2)
     return windows
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
 def r3(x: float | None) -> float | None:

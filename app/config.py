@@ -120,6 +120,9 @@ class IngressDeploymentConfig(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=1024, ge=1)
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.5})
+    # Streams' text from the engines over a direct TCP connection instead of one Ray object
+    # per chunk (app/token_link.py); off: everything through Ray (for comparison).
+    token_link: bool = True
 
 
 class RoutingConfig(_Strict):

@@ -5,10 +5,12 @@ One engine method per OpenAI endpoint (`chat`, `completion`), each an async gene
     Accepted                       always first, as soon as a replica takes the request: which
                                    replica (the ingress bounds the wait for it)
     ReplyHead                      then: how it answers
-    str, str, ...                  only when head.kind is STREAM: vLLM's SSE text, one or more
-                                   whole `data: ...\\n\\n` events per item (coalesced when the
-                                   consumer is behind, never split)
-    ReplyTail                      only when head.kind is STREAM, always last: token counts
+    str, str, ...                  only when head.kind is STREAM and the text does not go over
+                                   the token link (app/token_link.py): vLLM's SSE text, one or
+                                   more whole `data: ...\\n\\n` events per item (coalesced when
+                                   the consumer is behind, never split)
+    ReplyTail                      only when head.kind is STREAM, always last: token counts, and
+                                   whether the text went over the token link
 
 The adapter travels in a `RequestContext` argument beside the request, its `engine_name` also
 being the handle's multiplexed model id (the request router places the request by it). The request's
@@ -50,15 +52,31 @@ class AdapterRef:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """Where an engine sends a stream's text (app/token_link.py): the ingress replica's token
+    link address, its secret and the stream's id there."""
+
+    host: str
+    port: int
+    secret: bytes
+    stream_id: int
+
+    def __repr__(self) -> str:  # never the secret in a log line or traceback
+        return f"ReplyTo({self.host}:{self.port}, stream {self.stream_id})"
+
+
+@dataclass(frozen=True, slots=True)
 class RequestContext:
     """What an engine needs to know of a request besides the request itself: the adapter
-    version, and whose request it is (for fair sharing of the replica among tenants)."""
+    version, whose request it is (for fair sharing of the replica among tenants), and for a
+    stream where its text goes."""
 
     adapter: AdapterRef | None
     tenant: str
     weight: float = 1.0
     priority: int = 0  # 0 interactive, 1 batch
     pinned: bool = False  # the tenant's adapters stay in host memory and on disk once loaded
+    reply_to: ReplyTo | None = None  # None: a stream's text comes back through Ray
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,10 +99,12 @@ class ReplyHead:
 
 @dataclass(frozen=True, slots=True)
 class ReplyTail:
-    """End of a stream. Counts are None when the stream ended before vLLM reported usage."""
+    """End of a stream. Counts are None when the stream ended before vLLM reported usage.
+    `linked`: the text went over the token link, whose END frame precedes this tail there."""
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    linked: bool = False
 
 
 ReplyItem = Accepted | ReplyHead | str | ReplyTail

@@ -48,6 +48,7 @@ from app.metrics import EngineMetrics
 from app.model_files import resolve_adapter_path, resolve_model_path
 from app.openai_errors import error_body
 from app.replica_env import reset_niceness
+from app.token_link import TokenLinks
 from app.usage import UsageConfig, UsageFile, UsageLedger
 
 logger = get_logger("engine")
@@ -128,45 +129,6 @@ def vllm_cli_args(cfg: EngineConfig) -> list[str]:
     return flags
 
 
-async def coalesce(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-    """vLLM's SSE chunks, joined into one item whenever several are ready by the time the
-    consumer asks for the next one; never waits for more (no timer: a lone stream still gets
-    each token at once). Every item crossing the Ray hop costs the same however long it is, so
-    a busy replica, whose consumer lags, sends few large items instead of many small ones."""
-    ready: list[str] = []
-    done = False
-    failure: BaseException | None = None
-    wake = asyncio.Event()
-
-    async def pump() -> None:
-        nonlocal done, failure
-        try:
-            async for chunk in chunks:
-                ready.append(chunk)
-                wake.set()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer below
-            failure = exc
-        finally:
-            done = True
-            wake.set()
-
-    pumping = asyncio.create_task(pump())
-    try:
-        while True:
-            await wake.wait()
-            wake.clear()
-            if ready:
-                batch = "".join(ready)
-                ready.clear()
-                yield batch
-            if done and not ready:
-                if failure is not None:
-                    raise failure
-                return
-    finally:
-        pumping.cancel()
-
-
 @dataclass(frozen=True)
 class ModelNames:
     """The model name the client sent and the one vLLM knows the adapter version by (unique per
@@ -241,6 +203,7 @@ class VLLMEngine:
         self._host_pinned: set[str] = set()  # adapter versions pinned in vLLM's host cache
         self.metrics = None  # EngineMetrics inside a Ray replica
         self.usage = UsageLedger()
+        self.token_links = TokenLinks()  # streams' text to the ingress replicas
         self._busy_exported = 0.0  # of usage.busy_seconds, in the busy-seconds counter
         # vLLM runs max_num_seqs sequences at once; the rest wait here, served fairly among
         # tenants (by weight, in tokens) instead of first come, first served.
@@ -415,15 +378,16 @@ class VLLMEngine:
                 body = names.to_client(result.model_dump_json())
                 yield ReplyHead(ReplyKind.ERROR, result.error.code, body.encode())
             elif hasattr(result, "__aiter__"):
+                outgoing = await self.token_links.open(context.reply_to)
                 yield ReplyHead(ReplyKind.STREAM)
-                async for chunk in coalesce(result):
-                    yield names.to_client(chunk)
+                async for text in outgoing.deliver(result, names.to_client):
+                    yield text  # only when there is no token link
                 usage = getattr(raw_request.state, "request_metadata", None)
                 usage = usage.final_usage_info if usage is not None else None
                 if usage:
                     used_tokens = usage.total_tokens
                     tokens = (usage.prompt_tokens, usage.completion_tokens)
-                yield ReplyTail(*tokens)
+                yield ReplyTail(*tokens, linked=outgoing.linked)
             else:
                 usage = result.usage
                 if usage:

@@ -21,12 +21,14 @@ the Ray Serve deployment that serves it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from http import HTTPStatus
 from typing import Any
 
+import ray
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
@@ -68,6 +70,7 @@ from app.request_policy import (
     tenant_cache_salt,
 )
 from app.tenancy import Caller, GatewayTrust, Refused, Tenancy
+from app.token_link import Inbox, LinkLost, TokenSink
 
 logger = get_logger("ingress")
 
@@ -127,28 +130,66 @@ def _stream_error_event(message: str) -> str:
     return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
 
 
-async def relay(replies: Replies, record: RequestRecord) -> AsyncIterator[str]:
-    """A stream's SSE text to the client; its token counts to the access record. If the engine
-    fails mid-stream the client gets an SSE error event, not a cut connection; if the client
-    goes away the engine request is cancelled."""
+# How long a linked stream's END frame may trail its ReplyTail (both are sent at once, on two
+# connections); beyond it the link was lost and the client gets an error event.
+LINK_END_GRACE_S = 5.0
+
+
+async def relay(
+    replies: Replies,
+    record: RequestRecord,
+    inbox: Inbox,
+    on_close: Callable[[], None] = lambda: None,
+) -> AsyncIterator[str]:
+    """A stream's SSE text to the client, whichever way it comes (the token link fills `inbox`,
+    text through Ray is put there too); its token counts to the access record. Everything that
+    arrived since the last write goes out as one write. If the engine fails mid-stream the
+    client gets an SSE error event, not a cut connection; if the client goes away the engine
+    request is cancelled."""
+    reading = asyncio.create_task(_read_replies(replies, record, inbox))
     finished = False
     try:
-        async for item in replies:
-            if isinstance(item, str):
+        while True:
+            text = await inbox.take()
+            if text:
                 if record.ttft_ms is None:
                     record.ttft_ms = round((time.perf_counter() - record.started) * 1000, 2)
-                yield item
-            elif isinstance(item, ReplyTail):
-                record.prompt_tokens = item.prompt_tokens
-                record.completion_tokens = item.completion_tokens
-        finished = True
-    except Exception:  # noqa: BLE001 - any failure of the engine side ends the stream honestly
-        logger.exception("stream %s failed in the engine", record.request_id)
-        finished = True
-        yield _stream_error_event("The engine serving this stream failed; retry the request.")
+                yield text
+            if inbox.failure is not None:
+                logger.error("stream %s failed: %r", record.request_id, inbox.failure)
+                finished = True
+                yield _stream_error_event(
+                    "The engine serving this stream failed; retry the request."
+                )
+                return
+            if inbox.ended:
+                finished = True
+                await reading  # the tail with the token counts, right behind a linked END
+                return
     finally:
         if not finished:
             replies.cancel()
+        reading.cancel()
+        on_close()
+
+
+async def _read_replies(replies: Replies, record: RequestRecord, inbox: Inbox) -> None:
+    """The Ray side of a stream: text items (when not linked) and the tail into `inbox`; the
+    reply's failure (the engine or its replica died) fails the inbox."""
+    try:
+        async for item in replies:
+            if isinstance(item, str):
+                inbox.put(item)
+            elif isinstance(item, ReplyTail):
+                record.prompt_tokens = item.prompt_tokens
+                record.completion_tokens = item.completion_tokens
+                if item.linked and not await inbox.wait_closed(LINK_END_GRACE_S):
+                    inbox.fail(LinkLost("the token link lost the end of the stream"))
+        inbox.end()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the engine side ends the stream
+        inbox.fail(exc)
 
 
 class BodyRejected(Exception):
@@ -209,9 +250,11 @@ def build_api(
     fleet: FleetWatch | None = None,
     quotas=None,
     admin: APIRouter | None = None,
+    token_sink: TokenSink | None = None,
 ) -> FastAPI:
     """`quotas`: the Quotas deployment's handle (rate limits; None: not enforced); `admin`: the
-    admin API's routes (app/admin_api.py), mounted when an admin key is configured."""
+    admin API's routes (app/admin_api.py), mounted when an admin key is configured;
+    `token_sink`: where engines send streams' text (app/token_link.py; None: through Ray)."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelList
@@ -324,26 +367,43 @@ def build_api(
                 return rate_limited(admission)
             record.quota_ticket = admission.ticket
 
+        context = caller.context(adapter)
+        reply_to, inbox = None, Inbox()
+        if request.stream and token_sink is not None:
+            reply_to, inbox = token_sink.open()
+            context = dataclasses.replace(context, reply_to=reply_to)
+
+        def forget_stream() -> None:
+            if reply_to is not None:
+                token_sink.close(reply_to.stream_id)
+
         try:
             accepted, head, replies = await dispatch(
                 engine,
                 endpoint,
                 request,
-                caller.context(adapter),
+                context,
                 accept_timeout_s=limits.accept_timeout_s,
                 attempts=limits.dispatch_attempts,
                 fleet=fleet,
                 request_id=record.request_id,
             )
         except NoEngine as exc:
+            forget_stream()
             logger.warning("request %s not served: %s", record.request_id, exc)
             return service_unavailable(retry_after_s)
+        except BaseException:
+            forget_stream()
+            raise
         record.replica = accepted.replica_id
         headers = {SERVED_BY_HEADER: accepted.replica_id}
         if head.kind is ReplyKind.STREAM:
             return StreamingResponse(
-                relay(replies, record), media_type="text/event-stream", headers=headers
+                relay(replies, record, inbox, forget_stream),
+                media_type="text/event-stream",
+                headers=headers,
             )
+        forget_stream()
         record.prompt_tokens, record.completion_tokens = head.prompt_tokens, head.completion_tokens
         return Response(
             head.body, status_code=head.status, media_type="application/json", headers=headers
@@ -376,8 +436,14 @@ class Ingress:
         limits: RequestLimits,
         admin_key_digests: list[str],
         gateway: GatewayTrust | None = None,
+        token_link: bool = True,
     ):
         reset_niceness()
+        sink = None
+        if token_link:
+            sink = TokenSink()
+            # The node's address, where engine replicas on other nodes reach it too.
+            await sink.start(ray.util.get_node_ip_address())
         metrics = RequestMetrics()
         view = TenantView(registry, await registry.snapshot.remote())
         view.start()
@@ -397,6 +463,7 @@ class Ingress:
             FleetWatch(serve_readiness),
             quotas,
             admin,
+            sink,
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -71,8 +71,9 @@ from app.contract import (
     RequestContext,
     RoutingStats,
 )
-from app.engine import ModelNames, coalesce
+from app.engine import ModelNames
 from app.replica_env import reset_niceness
+from app.token_link import TokenLinks
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks/serving/results"
@@ -194,7 +195,8 @@ class StandInEngine:
     """ENGINE STAND-IN, a measuring device for the serving layer only (issue 8): no model.
     EngineDeployment's methods and reply contract (app/contract.py); a chat request gets vLLM's
     exact SSE chunks (`chat_events`) on a fixed schedule (TTFT, then one chunk per output token
-    every TPOT, `standin_stream`), passed through the real `coalesce()` and the same model-name
+    every TPOT, `standin_stream`), sent the way the real replica sends them (the token link,
+    app/token_link.py, or coalesced through Ray) with the same model-name
     swap as the real replica, so batching on the Ray hop behaves as with vLLM. Publishes routing
     and autoscaling stats like the real one. Pace comes from engine.extra_args
     (standin_ttft_ms, standin_tpot_ms). Completions and non-streaming requests are answered in
@@ -208,6 +210,7 @@ class StandInEngine:
             extra.get("standin_ttft_ms", 20.0) / 1000, extra.get("standin_tpot_ms", 10.0) / 1000
         )
         self.running = 0
+        self.token_links = TokenLinks()
         self.recent: OrderedDict[str, None] = OrderedDict()
 
     async def chat(self, request, context: RequestContext) -> AsyncIterator[ReplyItem]:
@@ -248,13 +251,14 @@ class StandInEngine:
                 )
                 return
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            outgoing = await self.token_links.open(context.reply_to)
             yield ReplyHead(ReplyKind.STREAM)
             chunks = standin_stream(
                 names.engine, max_tokens, self.pace, prompt_tokens, include_usage
             )
-            async for chunk in coalesce(chunks):
-                yield names.to_client(chunk)
-            yield ReplyTail(prompt_tokens, max_tokens)
+            async for text in outgoing.deliver(chunks, names.to_client):
+                yield text  # only when there is no token link
+            yield ReplyTail(prompt_tokens, max_tokens, linked=outgoing.linked)
         finally:
             self.running -= 1
 
@@ -281,7 +285,9 @@ class StandInEngine:
 # --------------------------------------------------------------------------- servers
 
 
-def app_args(ingress_replicas: int, pace: Pace, registry_path: str) -> dict:
+def app_args(
+    ingress_replicas: int, pace: Pace, registry_path: str, token_link: bool = True
+) -> dict:
     """serve_config.yaml's args with the stand-in's pace, room for 512+ streams on one engine
     replica (as a GPU engine would be configured), one tenant without rate limits (so no
     Quotas call per request) and its adapter (so requests take the adapter-aware router)."""
@@ -299,7 +305,11 @@ def app_args(ingress_replicas: int, pace: Pace, registry_path: str) -> dict:
             "max_queued_requests": 2048,
             "ray_actor_options": {"num_cpus": 1},
         },
-        "ingress": {"num_replicas": ingress_replicas, "max_ongoing_requests": 2048},
+        "ingress": {
+            "num_replicas": ingress_replicas,
+            "max_ongoing_requests": 2048,
+            "token_link": token_link,
+        },
         "tenants": [
             {"name": TENANT, "api_key_sha256": [hashlib.sha256(API_KEY.encode()).hexdigest()]}
         ],
@@ -326,7 +336,8 @@ def serve_app(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     pace = Pace(args.ttft_ms / 1000, args.tpot_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="stress-registry-") as tmp:
-        cfg = app_args(args.ingress_replicas, pace, str(Path(tmp) / "registry.sqlite"))
+        registry = str(Path(tmp) / "registry.sqlite")
+        cfg = app_args(args.ingress_replicas, pace, registry, args.token_link == "on")
         # "local": a Ray of its own; its own temp dir: nothing of other clusters is touched.
         ray.init(
             address="local",
@@ -379,12 +390,14 @@ def serve_plain(args: argparse.Namespace) -> None:
 class Target:
     name: str  # app, app-direct, plain
     ingress_replicas: int = 1
+    token_link: bool = True
 
     @property
     def label(self) -> str:
         if self.name == "plain":
             return "plain"
-        return f"{self.name} ({self.ingress_replicas} ingress)"
+        link = "" if self.token_link else ", no token link"
+        return f"{self.name} ({self.ingress_replicas} ingress{link})"
 
     @property
     def port(self) -> int:
@@ -395,6 +408,7 @@ def start_server(target: Target, args: argparse.Namespace, log: Path) -> subproc
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "benchmarks.serving.stress", "--serve", target.name]
     cmd += ["--ingress-replicas", str(target.ingress_replicas)]
+    cmd += ["--token-link", "on" if target.token_link else "off"]
     cmd += ["--ttft-ms", str(args.ttft_ms), "--tpot-ms", str(args.tpot_ms)]
     if target.name == "app-direct":
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
@@ -803,13 +817,17 @@ def machine() -> str:
 def targets_of(args: argparse.Namespace) -> list[Target]:
     if args.target == "all":
         return [Target("app", 1), Target("app", 2), Target("app-direct", 1), Target("plain")]
-    return [Target(name, args.ingress_replicas) for name in args.target.split(",")]
+    link = args.token_link == "on"
+    return [Target(name, args.ingress_replicas, link) for name in args.target.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="all", help="all, or a list of app,app-direct,plain")
     parser.add_argument("--ingress-replicas", type=int, default=1)
+    parser.add_argument(
+        "--token-link", choices=("on", "off"), default="on", help="app/token_link.py (ingress)"
+    )
     parser.add_argument("--streams", default="64,128,256,512")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per N")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds per N")

@@ -1,4 +1,4 @@
-"""app.engine.coalesce: SSE chunks joined only when several are ready, never delayed."""
+"""app.token_link.coalesce: SSE chunks joined only when several are ready, never delayed."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from app.engine import coalesce
+from app.token_link import coalesce
 
 
 async def produce(chunks, gate=None, fail=None, step_s=0.0):

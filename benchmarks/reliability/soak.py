@@ -8,8 +8,10 @@ adapter, shared adapter; prompts of varying length), and every `--sample-s` seco
 RSS and open file descriptors of each process of the app: Ray Serve's controller and proxy, the
 ingress and engine replicas, and vLLM's EngineCore under each engine. At the end it fits a line
 to each process's RSS and open files over the part after warm-up and prints a table; the run
-passes when every request succeeded and no process grows: RSS slope below `--max-rss-mb-per-min`
-and open files at most 2 above their first post-warm-up value. Results go to a JSON file (the
+passes when every request succeeded and no process grows: RSS slope over the second half of the
+run below `--max-rss-mb-per-min` (the first half is warm-up: caches and allocator arenas fill for
+tens of minutes; a leak keeps its pace) and open files at most 2 above their first post-warm-up
+value. Results go to a JSON file (the
 last one is quoted in docs/reliability.md).
 """
 
@@ -188,7 +190,9 @@ def main() -> None:
             "fds_last": kept[-1][2],
         }
         rows.append(row)
-        if rss_slope > args.max_rss_mb_per_min or fd_growth > 2:
+        # Judged on the second half: allocator arenas and vLLM's and Ray's caches fill for tens of
+        # minutes (docs/reliability.md), a leak keeps its pace to the end.
+        if late_slope > args.max_rss_mb_per_min or fd_growth > 2:
             grows.append(row["process"])
     ok = load.outcomes["ok"]
     errors = sum(load.outcomes.values()) - ok

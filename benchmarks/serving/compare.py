@@ -1,23 +1,31 @@
-"""The serving layer against plain vLLM: `vllm bench serve` against this app and against `vllm
-serve` on the same model, engine flags and plugin, one system after the other, then ratio tables.
+"""This app side by side with plain vLLM and Ray Serve LLM: `vllm bench serve` against each, on
+the same model, engine flags, plugin and adapters, one system after the other, then ratio tables.
 
-    .venv/bin/python -m benchmarks.serving.compare                     # app vs plain vLLM
-    .venv/bin/python -m benchmarks.serving.compare --systems app,app-direct,vllm --runs 3
+    .venv/bin/python -m benchmarks.serving.compare                      # app vs plain vLLM
+    .venv/bin/python -m benchmarks.serving.compare --systems app,ray-llm,vllm \\
+        --models 1,4,16 --loads conc=4,conc=16,conc=64 --runs 2
 
-Systems:
-  app         `serve run serve_config.yaml` (Ray Serve proxy -> Ingress -> Engine)
+Systems (each started with the same engine settings, `serve_config.yaml`'s):
+  app         `serve run` of serve_config.yaml (Ray Serve proxy -> Ingress -> Engine), one bench
+              tenant owning the bench adapters (instead of the demo tenants)
   app-direct  the same with RAY_SERVE_ENABLE_DIRECT_INGRESS=1, the client on the ingress
               replica's own HTTP port (no Python proxy hop)
-  vllm        `vllm serve` with the flags serve_config.yaml gives the engine
-              (app.engine.vllm_cli_args), the same adapter as a --lora-modules entry
-Scenarios: rate inf and 4 req/s, base model and a demo tenant's adapter (random dataset, 64
-prompts, input 64, output 32, ignore_eos). Prints one table per scenario (median over runs) and
-the app/vllm ratios, and writes every run's numbers to --out (JSON).
+  vllm        `vllm serve` with the flags the app gives its engine (app.engine.vllm_cli_args),
+              the adapters as --lora-modules: the ceiling
+  ray-llm     Ray Serve LLM, `build_openai_app`, adapters from a local S3 server
+              (benchmarks/serving/ray_llm_server.py; needs `pip install -e '.[bench]'`)
+Adapters: `bench-00`..`bench-15`, distinct LoRA adapters to every engine (the built-in demo
+adapter files, round robin). Scenarios: `--models` (`base`, or a number of active adapters, each
+request picking one at random) x `--loads` (`rate=R`: Poisson arrivals at R requests/s, `inf`
+all at once; `conc=C`: at most C in flight); random dataset, 64 prompts, input 64, output 32,
+ignore_eos. Prints one table per scenario (median over runs) with ratios against vllm and
+ray-llm, and writes every run's numbers to --out (JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -26,26 +34,42 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
+from benchmarks.serving.ray_llm_server import bench_adapters
+
 ROOT = Path(__file__).resolve().parents[2]
-METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "p99_itl_ms")
+METRICS = (
+    "output_throughput",
+    "median_ttft_ms",
+    "p99_ttft_ms",
+    "median_itl_ms",
+    "p99_itl_ms",
+)
+BENCH_TENANT, BENCH_KEY = "bench", "sk-bench-compare"
+MAX_ADAPTERS = 16
 
 
 def app_config() -> dict:
     return yaml.safe_load((ROOT / "serve_config.yaml").read_text())
 
 
-def engine_flags() -> list[str]:
+def engine_cfg():
     from app.config import AppConfig
-    from app.engine import vllm_cli_args
 
     args = app_config()["applications"][0]["args"]
-    cfg = AppConfig.from_args({**args, "tenants_file": str(ROOT / args["tenants_file"])})
-    return vllm_cli_args(cfg.engine)
+    return AppConfig.from_args({**args, "tenants_file": str(ROOT / args["tenants_file"])}).engine
+
+
+def engine_flags() -> list[str]:
+    from app.engine import vllm_cli_args
+
+    return vllm_cli_args(engine_cfg())
 
 
 def client_port(system: str, port: int) -> int:
@@ -53,27 +77,51 @@ def client_port(system: str, port: int) -> int:
     return port + 100 if system == "app-direct" else port
 
 
+def model_names(system: str) -> tuple[str, list[str]]:
+    """The base model's name and the bench adapters' names as `system` serves them."""
+    base = engine_cfg().served_model_name
+    adapters = list(bench_adapters(MAX_ADAPTERS))
+    if system == "ray-llm":  # Ray Serve LLM's LoRA model ids: <base model id>:<adapter>
+        adapters = [f"{base}:{a}" for a in adapters]
+    return base, adapters
+
+
+def app_serve_config(port: int) -> dict:
+    """serve_config.yaml with one bench tenant (no rate limits) owning the bench adapters."""
+    cfg = app_config()
+    cfg["http_options"].update(port=port, host="127.0.0.1")
+    args = cfg["applications"][0]["args"]
+    args.pop("tenants_file", None)
+    args["tenants"] = [
+        {"name": BENCH_TENANT, "api_key_sha256": [hashlib.sha256(BENCH_KEY.encode()).hexdigest()]}
+    ]
+    args["adapters"] = [
+        {"name": name, "path": f"builtin:{demo}", "owner": BENCH_TENANT}
+        for name, demo in bench_adapters(MAX_ADAPTERS).items()
+    ]
+    return cfg
+
+
 def start(system: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if system in ("app", "app-direct"):
-        cfg = app_config()
-        cfg["http_options"]["port"] = port
-        cfg["http_options"]["host"] = "127.0.0.1"
         path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
-        path.write_text(yaml.safe_dump(cfg))
+        path.write_text(yaml.safe_dump(app_serve_config(port)))
         if system == "app-direct":
             env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
             env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(client_port(system, port))
         cmd = [str(ROOT / ".venv/bin/serve"), "run", str(path)]
     elif system == "vllm":
-        from app.builtin_model import DEMO_TENANTS, ensure_builtin_model
+        from app.builtin_model import ensure_builtin_model
 
         paths = ensure_builtin_model()
-        adapter = DEMO_TENANTS[0].adapter
         cmd = [sys.executable, "-m", "benchmarks.serving.vllm_cli", "serve", *engine_flags()]
-        cmd += ["--port", str(port), "--host", "127.0.0.1"]
-        cmd += ["--lora-modules", f"{adapter}={paths.adapter(adapter)}"]
-        cmd += ["--api-key", DEMO_TENANTS[0].api_key]
+        cmd += ["--port", str(port), "--host", "127.0.0.1", "--api-key", BENCH_KEY]
+        cmd += ["--lora-modules"]
+        cmd += [f"{n}={paths.adapter(d)}" for n, d in bench_adapters(MAX_ADAPTERS).items()]
+    elif system == "ray-llm":
+        cmd = [sys.executable, "-m", "benchmarks.serving.ray_llm_server", "--port", str(port)]
+        cmd += ["--adapters", str(MAX_ADAPTERS)]
     else:
         raise ValueError(system)
     return subprocess.Popen(
@@ -82,11 +130,11 @@ def start(system: str, port: int, log: Path) -> subprocess.Popen:
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True,  # its own session: stopped as a whole, nothing else touched
     )
 
 
-def wait_ready(port: int, api_key: str, model: str, timeout_s: float = 300) -> float:
+def wait_ready(port: int, model: str, timeout_s: float = 300) -> float:
     """Seconds until one chat completion succeeds."""
     t0 = time.monotonic()
     body = {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
@@ -95,7 +143,7 @@ def wait_ready(port: int, api_key: str, model: str, timeout_s: float = 300) -> f
             r = httpx.post(
                 f"http://127.0.0.1:{port}/v1/chat/completions",
                 json=body,
-                headers={"Authorization": f"Bearer {api_key}"},
+                headers={"Authorization": f"Bearer {BENCH_KEY}"},
                 timeout=60,
             )
             if r.status_code == 200:
@@ -107,119 +155,132 @@ def wait_ready(port: int, api_key: str, model: str, timeout_s: float = 300) -> f
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGINT to the system's session (Serve and Ray shut down), then SIGKILL to whatever of
+    that session is left: never `ray stop`, which would stop every Ray on the machine."""
     try:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
     except (subprocess.TimeoutExpired, ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(ROOT / ".venv/bin/ray"), "stop", "--force"], capture_output=True)
+        pass
+    time.sleep(2)
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                p.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
 
 
-def bench(port: int, model: str, rate: str, seed: int, api_key: str) -> dict:
+def bench(port: int, base: str, adapters: list[str], load: str, seed: int) -> dict:
+    """One `vllm bench serve` run; `adapters` empty: the base model."""
     from app.builtin_model import ensure_builtin_model
 
     out = Path(tempfile.mkdtemp())
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.serving.vllm_cli",
-        "bench",
-        "serve",
-        "--backend",
-        "openai-chat",
-        "--endpoint",
-        "/v1/chat/completions",
-        "--base-url",
-        f"http://127.0.0.1:{port}",
-        "--model",
-        model,
-        "--tokenizer",
-        str(ensure_builtin_model().model),
-        "--dataset-name",
-        "random",
-        "--random-input-len",
-        "64",
-        "--random-output-len",
-        "32",
-        "--num-prompts",
-        "64",
-        "--ignore-eos",
-        "--request-rate",
-        rate,
-        "--seed",
-        str(seed),
-        "--percentile-metrics",
-        "ttft,itl,e2el",
-        "--metric-percentiles",
-        "50,99",
-        "--save-result",
-        "--result-dir",
-        str(out),
-        "--result-filename",
-        "r.json",
-        "--disable-tqdm",
-    ]
-    env = {**os.environ, "OPENAI_API_KEY": api_key}
+    kind, _, value = load.partition("=")
+    cmd = [sys.executable, "-m", "benchmarks.serving.vllm_cli", "bench", "serve"]
+    cmd += ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions"]
+    cmd += ["--base-url", f"http://127.0.0.1:{port}", "--model", base]
+    cmd += ["--tokenizer", str(ensure_builtin_model().model)]
+    cmd += ["--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "32"]
+    cmd += ["--num-prompts", "64", "--ignore-eos", "--seed", str(seed)]
+    if kind == "rate":
+        cmd += ["--request-rate", value]
+    else:
+        cmd += ["--request-rate", "inf", "--max-concurrency", value]
+    if adapters:
+        cmd += ["--lora-modules", *adapters]
+    cmd += ["--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99"]
+    cmd += ["--save-result", "--result-dir", str(out), "--result-filename", "r.json"]
+    cmd += ["--disable-tqdm"]
+    env = {**os.environ, "OPENAI_API_KEY": BENCH_KEY}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     result = json.loads((out / "r.json").read_text())
-    return {m: result[m] for m in METRICS} | {"failed": result.get("failed", 0)}
+    return {m: result[m] for m in METRICS} | {
+        "failed": result.get("failed", 0),
+        "completed": result.get("completed", 0),
+    }
+
+
+def versions() -> dict[str, str]:
+    import ray
+    import torch
+    import vllm
+
+    return {"ray": ray.__version__, "vllm": vllm.__version__, "torch": torch.__version__}
 
 
 def main() -> None:
-    from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_TENANTS
-
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", default="app,vllm")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rates", default="inf,4")
-    parser.add_argument("--models", default="adapter,base")
+    parser.add_argument("--models", default="1,base", help="base and/or numbers of adapters")
+    parser.add_argument("--loads", default="rate=inf,rate=4", help="rate=R and/or conc=C")
     parser.add_argument("--out", type=Path, default=Path("/tmp/serving_compare.json"))
     args = parser.parse_args()
-    tenant = DEMO_TENANTS[0]
-    models = {"adapter": tenant.adapter, "base": BUILTIN_MODEL_NAME}
     results: dict[str, dict[str, list[dict]]] = {}
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     for i, system in enumerate(args.systems.split(",")):
         port = 8100 + i
         log = Path(tempfile.gettempdir()) / f"serving_compare_{system}.log"
         proc = start(system, port, log)
         port = client_port(system, port)
+        base, adapters = model_names(system)
         try:
-            ready_s = wait_ready(port, tenant.api_key, tenant.adapter)
+            ready_s = wait_ready(port, adapters[0])
             print(f"{system}: ready after {ready_s:.1f}s (log {log})", flush=True)
-            for model_kind in args.models.split(","):
-                for rate in args.rates.split(","):
-                    scenario = f"{model_kind} rate={rate}"
+            for models in args.models.split(","):
+                active = [] if models == "base" else adapters[: int(models)]
+                label = "base" if models == "base" else f"{models} adapter(s)"
+                for load in args.loads.split(","):
+                    scenario = f"{label}, {load}"
                     runs = results.setdefault(scenario, {}).setdefault(system, [])
                     for seed in range(args.runs):
-                        runs.append(bench(port, models[model_kind], rate, seed, tenant.api_key))
+                        runs.append(bench(port, base, active, load, seed))
                         print(f"  {scenario} run {seed}: {runs[-1]}", flush=True)
         finally:
             stop(proc)
-    args.out.write_text(json.dumps(results, indent=1))
+        args.out.write_text(json.dumps(_document(results, started), indent=1))
     print_tables(results)
+
+
+def _document(results: dict, started: str) -> dict:
+    return {
+        "started": started,
+        "machine": f"{os.uname().nodename}, {psutil.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
+        "versions": versions(),
+        "results": results,
+    }
+
+
+def medians_of(by_system: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    keys = (*METRICS, "failed")
+    return {
+        s: {m: statistics.median(r[m] for r in runs) for m in keys} for s, runs in by_system.items()
+    }
 
 
 def print_tables(results: dict[str, dict[str, list[dict]]]) -> None:
     for scenario, by_system in results.items():
-        print(f"\n### {scenario} (median of {len(next(iter(by_system.values())))} runs)")
+        runs = len(next(iter(by_system.values())))
+        print(f"\n### {scenario} (median of {runs} runs)")
         print("| system | " + " | ".join(METRICS) + " | failed |")
         print("|---" * (len(METRICS) + 2) + "|")
-        medians = {
-            s: {m: statistics.median(r[m] for r in runs) for m in (*METRICS, "failed")}
-            for s, runs in by_system.items()
-        }
+        medians = medians_of(by_system)
         for system, med in medians.items():
             cells = " | ".join(f"{med[m]:.1f}" for m in METRICS)
             print(f"| {system} | {cells} | {med['failed']:.0f} |")
-        if "vllm" in medians:
+        for reference in ("vllm", "ray-llm"):
+            if reference not in medians:
+                continue
             for system, med in medians.items():
-                if system == "vllm":
+                if system == reference:
                     continue
                 ratios = " | ".join(
-                    f"{med[m] / medians['vllm'][m]:.2f}" if medians["vllm"][m] else "-"
+                    f"{med[m] / medians[reference][m]:.2f}" if medians[reference][m] else "-"
                     for m in METRICS
                 )
-                print(f"| {system} / vllm | {ratios} | |")
+                print(f"| {system} / {reference} | {ratios} | |")
 
 
 if __name__ == "__main__":

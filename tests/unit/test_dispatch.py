@@ -40,6 +40,9 @@ class FixedFleetState:
     def has_engine(self) -> bool:
         return self.value
 
+    def suspect(self) -> None:
+        pass
+
 
 def served(replica_id: str) -> ScriptedReplies:
     return replica(Accepted(replica_id), ReplyHead(ReplyKind.JSON, body=b"{}"))
@@ -123,19 +126,30 @@ def test_wait_is_bounded_by_the_accept_timeout():
     assert time.monotonic() - t0 < 1.0 and hung.cancelled
 
 
-def test_fleet_watch_follows_the_readiness_answers():
-    answers = [True, False]
+def test_fleet_watch_looks_only_when_suspected_and_until_an_engine_is_back():
+    answers = [False, False, True]
+    looks = []
 
     async def readiness():
-        return (answers.pop(0) if len(answers) > 1 else answers[0]), {}
+        looks.append(time.monotonic())
+        return answers.pop(0), {}
 
     async def scenario():
-        watch = FleetWatch(readiness, period_s=0.05)
-        first = watch.has_engine()  # unknown yet: assumed available
-        await asyncio.sleep(0.2)
-        return first, watch.has_engine()
+        watch = FleetWatch(readiness, period_s=0.1)
+        states = [watch.has_engine()]  # unknown yet: assumed available, nothing asked
+        await asyncio.sleep(0.3)
+        states.append(len(looks))  # a healthy-looking fleet is never polled
+        watch.suspect()  # a request waits longer than usual
+        await asyncio.sleep(0.02)
+        states.append(watch.has_engine())  # none runs
+        for _ in range(30):  # requests keep coming; it looks again once a period
+            watch.has_engine()
+            await asyncio.sleep(0.01)
+        states.append(watch.has_engine())
+        return states
 
-    assert asyncio.run(scenario()) == (True, False)
+    assert asyncio.run(scenario()) == [True, 0, False, True]
+    assert len(looks) == 3 and min(b - a for a, b in zip(looks, looks[1:], strict=False)) >= 0.1
 
 
 def test_a_refusal_names_the_replica_after_crossing_the_ray_hop():

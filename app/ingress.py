@@ -183,6 +183,7 @@ async def _read_replies(replies: Replies, record: RequestRecord, inbox: Inbox) -
             elif isinstance(item, ReplyTail):
                 record.prompt_tokens = item.prompt_tokens
                 record.completion_tokens = item.completion_tokens
+                record.transport = "link" if item.linked else "ray"
                 if item.linked and not await inbox.wait_closed(LINK_END_GRACE_S):
                     inbox.fail(LinkLost("the token link lost the end of the stream"))
         inbox.end()

@@ -12,6 +12,7 @@ a client sent never becomes a label. Ray Serve adds the deployment and replica l
     moelora_request_duration_seconds{tenant, model}         end to end, as the ingress saw it
     moelora_time_to_first_token_seconds{tenant, model}      streams only
     moelora_inter_token_latency_seconds{tenant, model}      streams: mean gap between tokens
+    moelora_streams_total{transport}                        link (app/token_link.py) | ray
 
 and of each engine replica (`EngineMetrics`; Ray adds the replica label):
 
@@ -75,6 +76,12 @@ class RequestMetrics:
             boundaries=ITL_BOUNDARIES_S,
             tag_keys=keys,
         )
+        self.streams = Counter(
+            "moelora_streams_total",
+            description="Streams by how their text reached the ingress: over the token link, "
+            "or through Ray (no link configured, or the engine could not reach the ingress).",
+            tag_keys=("transport",),
+        )
 
     def observe(self, record: RequestRecord) -> None:
         if not record.path.startswith("/v1/"):
@@ -86,6 +93,8 @@ class RequestMetrics:
         if record.completion_tokens:
             self.completion_tokens.inc(record.completion_tokens, tags=tags)
         self.duration.observe(record.latency_ms / 1000, tags=tags)
+        if record.transport is not None:
+            self.streams.inc(1, tags={"transport": record.transport})
         if record.ttft_ms is not None:
             self.ttft.observe(record.ttft_ms / 1000, tags=tags)
             if record.completion_tokens and record.completion_tokens > 1:

@@ -48,6 +48,7 @@ class RequestRecord:
     completion_tokens: int | None = None
     latency_ms: float = 0.0
     ttft_ms: float | None = None  # streams: time to the first chunk sent
+    transport: str | None = None  # streams: "link" (app/token_link.py) or "ray"
     rejected_client_request_id: bool = False
     started: float = field(default_factory=time.perf_counter, repr=False)
     quota_ticket: int | None = field(default=None, repr=False)  # returned when the request ends

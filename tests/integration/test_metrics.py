@@ -78,8 +78,10 @@ def test_requests_tokens_and_latency_are_exported_per_tenant_and_adapter(server)
     assert sample(text, "ray_moelora_requests_total", tenant="acme", model="-", status="404") >= 1
     assert sample(text, "ray_moelora_requests_total", tenant="unauthenticated", status="401") >= 1
     assert "nosuch-xyz" not in text and "sk-wrong" not in text
-    # Streams: the mean gap between tokens.
+    # Streams: the mean gap between tokens; their text came over the token link, not Ray.
     assert sample(text, "ray_moelora_inter_token_latency_seconds_count", **tokens) >= 1
+    assert sample(text, "ray_moelora_streams_total", transport="link") >= 1
+    assert 'transport="ray"' not in text
 
 
 def test_engine_replicas_export_queueing_and_adapter_metrics(server):

@@ -92,4 +92,4 @@ def test_deleting_the_app_lets_every_stream_in_flight_finish(server):
         assert s.completion_tokens() == TOKENS, (s.tenant, s.lines[-3:])
     # Every stream was still running when the delete began: the stop waited for it.
     assert min(s.ended_at for s in streams) > t0
-    print(f"streams on {len(replicas)} engine replica(s) drained; delete took {deleted_after_s:.1f}s")
+    print(f"streams on {len(replicas)} replica(s) drained; delete took {deleted_after_s:.1f}s")

@@ -60,9 +60,11 @@ from kernels.triton_plan import (
     LaunchOptions,
     choose_mode,
     choose_sorter,
+    decode_config,
     grouped_block_m,
     plan_config,
     tile_config,
+    use_decode,
 )
 from kernels.triton_util import (
     device_name,
@@ -501,6 +503,160 @@ def _expand_loads(
 
 
 # --------------------------------------------------------------------------------------------
+# Decode kernel: one launch per projection (round five)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _l2_prefetch(ptrs, ON: tl.constexpr):
+    """Ask L2 to fetch these addresses (a hint: no registers, no effect on results)."""
+    if ON:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
+            "=r,l",
+            [ptrs.to(tl.int64)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit(do_not_specialize=["num_slots"])
+def _decode_kernel(
+    out_ptr,
+    x_ptr,
+    topk_ptr,
+    topk_w_ptr,
+    slots_ptr,
+    enabled_ptr,
+    a0_ptr,
+    a1_ptr,
+    b0_ptr,
+    b1_ptr,
+    num_slots,
+    out_col0,
+    stride_xm,
+    stride_om,
+    stride_ok,
+    stride_on,
+    sa_s,
+    sa_e,
+    sa_r,
+    sa_k,
+    sb_s,
+    sb_e,
+    sb_n,
+    sb_r,
+    TOPK: tl.constexpr,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    NUM_SLICES: tl.constexpr,
+    IS_W2: tl.constexpr,
+    HAS_ENABLED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
+    L2_PREFETCH: tl.constexpr,
+    PF_LINES: tl.constexpr,
+):
+    """One (pair, slice, column block) per program, the whole projection in ONE launch:
+
+        t = round(A_i[s, e] @ row)                 (the full K reduction, in this program)
+        out[pair, cols] += B_i[s, e][cols] @ t     (x w for w2)
+
+    Every column block of a pair recomputes the pair's shrink (A is re-read from L2, not HBM),
+    so no program waits for another: no handoff, no workspace, no second launch. Worth it only
+    while A_i[s, e] is small (decode batches, rank 16: the plan's decode_* keys). All loads of
+    a program are issued together (the K loop is unrolled), so its latency is about one L2/HBM
+    round trip for the route and one for A, x, B and out. With L2_PREFETCH the program asks L2
+    for its A and B blocks BEFORE waiting for the previous kernel (from a speculative read of
+    the route, clamped to valid addresses: a hint only, the real route is read after the wait).
+    """
+    pid = tl.program_id(0)
+    pair = pid // NUM_SLICES
+    sl = pid % NUM_SLICES
+    nb = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = offs_r < R
+    n_mask = offs_n < N
+    if L2_PREFETCH:
+        s0 = tl.minimum(tl.maximum(tl.load(slots_ptr + pair // TOPK), 0), num_slots - 1)
+        e0 = tl.minimum(tl.maximum(tl.load(topk_ptr + pair), 0), E - 1)
+        if NUM_SLICES == 2:
+            ap = tl.where(sl == 0, a0_ptr, a1_ptr)
+            bp = tl.where(sl == 0, b0_ptr, b1_ptr)
+        else:
+            ap = a0_ptr
+            bp = b0_ptr
+        # One address per 128-byte line of A's rows (K contiguous), one per row of B.
+        lines = tl.minimum(tl.arange(0, PF_LINES) * 64, K - 1)
+        rows = tl.minimum(offs_r, R - 1)
+        a_pf = ap + (s0.to(tl.int64) * sa_s + e0.to(tl.int64) * sa_e)
+        _l2_prefetch(a_pf + rows[:, None] * sa_r + lines[None, :] * sa_k, True)
+        b_pf = bp + (s0.to(tl.int64) * sb_s + e0.to(tl.int64) * sb_e)
+        _l2_prefetch(b_pf + tl.minimum(offs_n, N - 1) * sb_n, True)
+    pdl_wait(PDL)
+    slot, expert, active = pair_route(
+        topk_ptr, slots_ptr, enabled_ptr, pair, num_slots, TOPK, E, HAS_ENABLED
+    )
+    if not active:
+        return
+    if IS_W2:
+        row = pair.to(tl.int64)
+    else:
+        row = (pair // TOPK).to(tl.int64)
+    a_off = slot.to(tl.int64) * sa_s + expert.to(tl.int64) * sa_e
+    b_off = slot.to(tl.int64) * sb_s + expert.to(tl.int64) * sb_e
+    if NUM_SLICES == 2:
+        a_base = tl.where(sl == 0, a0_ptr, a1_ptr) + a_off
+        b_base = tl.where(sl == 0, b0_ptr, b1_ptr) + b_off
+    else:
+        a_base = a0_ptr + a_off
+        b_base = b0_ptr + b_off
+    # B and out of this column block first: independent of the shrink.
+    b = tl.load(
+        b_base + offs_n[:, None] * sb_n + offs_r[None, :] * sb_r,
+        mask=n_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    )
+    m = pair // TOPK
+    kk = pair % TOPK
+    o_ptrs = (
+        out_ptr
+        + m.to(tl.int64) * stride_om
+        + kk.to(tl.int64) * stride_ok
+        + (out_col0 + sl * N + offs_n) * stride_on
+    )
+    o = tl.load(o_ptrs, mask=n_mask, other=0.0)
+    # The shrink: the whole K, unrolled (every A and x load can be in flight at once).
+    EVEN_K: tl.constexpr = K % BLOCK_K == 0
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    x_row = x_ptr + row * stride_xm
+    for kc in tl.static_range((K + BLOCK_K - 1) // BLOCK_K):
+        kidx = kc * BLOCK_K + offs_k
+        a_ptrs = a_base + offs_r[:, None] * sa_r + kidx[None, :] * sa_k
+        if EVEN_K:
+            xv = tl.load(x_row + kidx)
+            a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+        else:
+            k_mask = kidx < K
+            xv = tl.load(x_row + kidx, mask=k_mask, other=0.0)
+            a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += a.to(tl.float32) * xv.to(tl.float32)[None, :]
+    t = tl.sum(acc, axis=1)
+    t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
+    d = tl.sum(b.to(tl.float32) * t[None, :], axis=1)
+    if IS_W2:
+        d = d * tl.load(topk_w_ptr + pair).to(tl.float32)
+    tl.store(o_ptrs, (o.to(tl.float32) + d).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# --------------------------------------------------------------------------------------------
 # Host side
 # --------------------------------------------------------------------------------------------
 
@@ -691,6 +847,52 @@ def _launch_tiles(
     )
 
 
+def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b, is_w2, out_col0):
+    """The one-launch decode kernel for <= 2 slices (arguments as _launch_tiles)."""
+    num_slots, num_experts, rank, k_dim = a[0].shape
+    n_dim = b[0].shape[2]
+    m, top_k = topk_ids.shape
+    p = m * top_k
+    dc = decode_config(call.cfg, rank, k_dim)
+    dc.update(call.options.decode_cfg or {})
+    prefetch = bool(dc.pop("L2_PREFETCH")) and call.pdl["PDL"]
+    pf_lines = triton.next_power_of_2(triton.cdiv(k_dim, 64))
+    grid = (p * len(a), triton.cdiv(n_dim, dc["BLOCK_N"]))
+    _decode_kernel[grid](
+        out,
+        x,
+        topk_ids,
+        w,
+        token_slots,
+        enabled,
+        a[0],
+        a[1] if len(a) == 2 else a[0],
+        b[0],
+        b[1] if len(b) == 2 else b[0],
+        num_slots,
+        out_col0,
+        x.stride(0),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        *a[0].stride(),
+        *b[0].stride(),
+        TOPK=top_k,
+        E=num_experts,
+        K=k_dim,
+        N=n_dim,
+        R=rank,
+        NUM_SLICES=len(a),
+        IS_W2=is_w2,
+        HAS_ENABLED=has_en,
+        BLOCK_R=triton.next_power_of_2(max(rank, 16)),
+        L2_PREFETCH=prefetch,
+        PF_LINES=pf_lines,
+        **dc,
+        **call.pdl,
+    )
+
+
 def _project(
     out,
     x,
@@ -712,11 +914,17 @@ def _project(
     has_en = slot_enabled is not None
     enabled = slot_enabled if has_en else token_slots  # dummy pointer when unused
     w = topk_weights if is_w2 else x  # dummy pointer when unused
+    args = (out, x, topk_ids, w, token_slots, enabled, has_en, lora_a, lora_b, is_w2, out_col0)
+    decode = options.decode
+    if decode is None:
+        decode = use_decode(call.cfg, p, rank, lora_a[0].shape[3], options.decode_max_pairs)
+    if decode:  # one launch, no routing needed (w2 routes itself if it takes the tile path)
+        _launch_decode(call, *args)
+        return routing
     if routing is None:
         routing = route_pairs(
             topk_ids, token_slots, slot_enabled, num_slots, num_experts, rank, options
         )
-    args = (out, x, topk_ids, w, token_slots, enabled, has_en, lora_a, lora_b, is_w2, out_col0)
     _launch_tiles(call, routing, *args)
     return routing
 

@@ -41,6 +41,11 @@ class LaunchOptions:
     unroll_ksplit: bool | None = None  # tile expand: sum the K-split partials unrolled
     shrink: dict | None = None  # merged into tile_config's shrink block sizes
     expand: dict | None = None  # merged into tile_config's expand block sizes
+    # Round five: the one-launch decode kernel (True/False forces it on/off for a projection;
+    # None = the plan's decode_* rule) and overrides of its block sizes / warps / L2 prefetch.
+    decode: bool | None = None
+    decode_max_pairs: int | None = None  # the rule with this pair limit instead of the plan's
+    decode_cfg: dict | None = None
 
 
 DEFAULT_OPTIONS = LaunchOptions()
@@ -95,6 +100,38 @@ def choose_sorter(cfg: dict, num_pairs: int, num_groups: int) -> str:
     if num_pairs <= cfg["countr_max_pairs"]:
         return "countr"
     return "count4"
+
+
+def use_decode(cfg: dict, num_pairs: int, rank: int, k_dim: int, max_pairs=None) -> bool:
+    """Round five: the one-launch decode kernel (kernels/triton_moe_lora.py, _decode_kernel:
+    every column block recomputes its pair's shrink) while the batch is small and a pair's
+    A_i[s, e] block (rank x K, re-read from L2 by each column block) is small."""
+    block_r = pow2_at_least(rank, 16)
+    if max_pairs is None:
+        max_pairs = cfg["decode_max_pairs"]
+    return num_pairs <= max_pairs and block_r * k_dim <= cfg["decode_max_a_elems"]
+
+
+def decode_config(cfg: dict, rank: int, k_dim: int) -> dict:
+    """Block sizes of the decode kernel: BLOCK_N output columns per program, the K reduction
+    in BLOCK_K chunks (unrolled), warps, and whether to prefetch A/B into L2 before the wait."""
+    a_elems = pow2_at_least(rank, 16) * k_dim
+    return dict(
+        BLOCK_N=cfg["decode_block_n"],
+        BLOCK_K=min(cfg["decode_block_k"], pow2_at_least(k_dim, 16)),
+        # about 128 A elements per thread at most (registers: all of A's loads in flight)
+        num_warps=cfg["decode_warps"] * (2 if a_elems > cfg["decode_wide_a_elems"] else 1),
+        L2_PREFETCH=bool(cfg["decode_l2_prefetch"]),
+    )
+
+
+def projection_path(
+    cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int, k_dim: int
+) -> str:
+    """What the automatic plan runs for one projection with reduction dimension K."""
+    if use_decode(cfg, num_pairs, rank, k_dim):
+        return "decode1"
+    return plan_name(cfg, num_pairs, num_slots, num_experts, rank)
 
 
 def plan_name(cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int):

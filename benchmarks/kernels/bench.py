@@ -51,7 +51,14 @@ from benchmarks.kernels.inputs import (
 from benchmarks.kernels.timing import graph_time, measure_peak_bw
 from kernels import torch_moe_lora
 from kernels import triton_moe_lora as ours
-from kernels.triton_plan import LaunchOptions, grouped_block_m, plan_config, plan_name
+from kernels.triton_plan import (
+    LaunchOptions,
+    grouped_block_m,
+    plan_config,
+    plan_name,
+    projection_path,
+    use_decode,
+)
 from kernels.triton_util import device_name
 
 GRID_M = [1, 4, 16, 64, 256, 1024, 4096]
@@ -165,6 +172,9 @@ CHECK_VARIANTS = {
     "grouped-countr": dict(mode="grouped", sorter="countr"),
     "grouped-count4": dict(mode="grouped", sorter="count4"),
     "nopf-nopdl": dict(prefetch=False, pdl=False),
+    # round five: the one-launch decode kernel wherever A fits its rule, any batch size
+    "decode1": dict(decode_max_pairs=1 << 30),
+    "decode1-nopf-nopdl": dict(decode_max_pairs=1 << 30, pdl=False),
 }
 
 
@@ -419,9 +429,34 @@ def _cfg():
 
 
 def our_path_name(model, rank, m, n_act):
-    """What the automatic plan picks (for the table)."""
+    """What the automatic plan picks (for the table): "w13 path / w2 path" where they differ
+    (round five: the one-launch decode kernel is chosen per projection, by K)."""
     spec = MODELS[model]
-    return plan_name(_cfg(), m * spec["top_k"], n_act, spec["experts"], rank)
+    p = m * spec["top_k"]
+    paths = [
+        projection_path(_cfg(), p, n_act, spec["experts"], rank, k_dim)
+        for k_dim in (spec["hidden"], spec["inter"])
+    ]
+    if paths[0] == paths[1]:
+        return paths[0]
+    return f"{paths[0]} / {paths[1]}"
+
+
+def decode_variants(model, rank, m):
+    """Round five: beside the plan, the other side of the decode rule for small batches: the
+    tile path forced where the plan takes the one-launch decode kernel ("tiles"), the decode
+    kernel (where A fits) where the plan does not ("decode1")."""
+    spec = MODELS[model]
+    p = m * spec["top_k"]
+    if m > 64:
+        return {}
+    fits = [use_decode(_cfg(), 1, rank, k) for k in (spec["hidden"], spec["inter"])]
+    if not any(fits):
+        return {}
+    auto = [use_decode(_cfg(), p, rank, k) for k in (spec["hidden"], spec["inter"])]
+    if any(auto):
+        return {"tiles": dict(decode=False)}
+    return {"decode1": dict(decode_max_pairs=1 << 30)}
 
 
 def plan_variants(model, rank, n_act, m):
@@ -432,8 +467,8 @@ def plan_variants(model, rank, n_act, m):
     counting sorts)."""
     spec = MODELS[model]
     p = m * spec["top_k"]
-    path = our_path_name(model, rank, m, n_act)
-    v = {"auto": {}}
+    path = plan_name(_cfg(), p, n_act, spec["experts"], rank)
+    v = {"auto": {}, **decode_variants(model, rank, m)}
     if not path.startswith("tile-grouped"):
         return v
     forced_sorters = []

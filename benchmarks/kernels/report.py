@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from kernels.model_shapes import MODEL_SHAPES
-from kernels.triton_plan import choose_sorter, plan_config
+from kernels.triton_plan import choose_sorter, plan_config, use_decode
 
 
 def shipped_us(r: dict, cfg: dict | None, ran: dict | None) -> tuple[float, str]:
@@ -33,6 +33,22 @@ def shipped_us(r: dict, cfg: dict | None, ran: dict | None) -> tuple[float, str]
     ran_unroll = (ran or {}).get("unroll_ksplit_max_pairs", 0)
     if ran_unroll < p <= cfg["unroll_ksplit_max_pairs"] and "ours_unrolled_us" in r:
         return r["ours_unrolled_us"], "unrolled"
+    # Round five: the decode rule now on the other side than as run, and the run timed that
+    # side forced ("tiles": decode kernel off; "decode1": on wherever A fits).
+    if ran is not None and "decode_max_pairs" in ran:
+        ks = {"w13": (shape.hidden,), "w2": (shape.inter,)}.get(
+            r.get("proj"), (shape.hidden, shape.inter)
+        )
+
+        def dec(c):
+            return tuple(use_decode(c, p, r["rank"], k) for k in ks)
+
+        was, now = dec({**cfg, **ran}), dec(cfg)
+        if was != now:
+            if not any(now) and "ours_tiles_us" in r:
+                return r["ours_tiles_us"], "tiles"
+            if any(now) and "ours_decode1_us" in r:
+                return r["ours_decode1_us"], "decode1"
     # The pair sorter the plan picks now, if the run timed it forced beside its own choice.
     path = r.get("our_path", "")
     if path.startswith("tile-grouped"):

@@ -310,3 +310,28 @@ def test_fused_base_lora_prototype(kind, shape):
     enabled = torch.ones(shape[5] + 1, dtype=torch.int32)
     enabled[1] = 0
     check_fused(kind, c, torch.float32, enabled)
+
+
+# Round five: the one-launch decode kernel (every column block recomputes its pair's shrink;
+# tl.sum, no tl.dot, so bf16 is checked here too), forced on, with the plan's block sizes and
+# with small ones (several column blocks and K chunks, a partial last K chunk).
+DECODE_CFGS = [None, dict(BLOCK_N=16, BLOCK_K=64, num_warps=4)]
+
+
+@pytest.mark.parametrize("cfg", DECODE_CFGS, ids=["plan", "small-blocks"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_decode_one_launch(kind, shape, cfg):
+    options = LaunchOptions(decode=True, decode_cfg=cfg)
+    check(kind, make_case(0, *shape, torch.float32), options, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["w13", "w2"])
+def test_decode_one_launch_half_and_disabled(kind, dtype):
+    options = LaunchOptions(decode=True, decode_cfg=DECODE_CFGS[1])
+    check(kind, make_case(1, 6, 64, 48, 4, 2, 3, 16, dtype), options, dtype)
+    c = make_case(4, 12, 32, 32, 4, 2, 4, 8, torch.float32, no_adapter=0.2)
+    c["token_slots"][1] = 9  # out of range: ignored
+    enabled = torch.tensor([1, 0, 1, 0, 1], dtype=torch.int32)
+    check(kind, c, LaunchOptions(decode=True), torch.float32, enabled)

@@ -28,6 +28,12 @@ PATHS = {
     "grouped-countr": LaunchOptions(mode="grouped", sorter="countr"),
     "grouped-bm32-bn128": LaunchOptions(mode="grouped", block_m=32, expand={"BLOCK_N": 128}),
     "grouped-count4": LaunchOptions(mode="grouped", sorter="count4"),
+    # round five: the one-launch decode kernel wherever A fits its rule (any M), with and
+    # without the L2 prefetch before the PDL wait
+    "decode1": LaunchOptions(decode_max_pairs=1 << 30),
+    "decode1-no-l2-prefetch": LaunchOptions(
+        decode_max_pairs=1 << 30, decode_cfg={"L2_PREFETCH": False}
+    ),
     "auto": LaunchOptions(),
 }
 # model, M, adapters, rank: decode sizes, a grouped size, an odd M
@@ -101,10 +107,10 @@ def test_paths_match_oracle_at_model_shapes(cell, path):
         )
 
 
-@pytest.mark.parametrize("mode", ["naive", "grouped"])
+@pytest.mark.parametrize("mode", ["naive", "grouped", "decode"])
 def test_replays_in_a_cuda_graph(mode):
     c = _case("gpt-oss-20b", 4, 2, 16, seed=5)
-    options = LaunchOptions(mode=mode)
+    options = LaunchOptions(decode=True) if mode == "decode" else LaunchOptions(mode=mode)
     m, top_k = c["topk_ids"].shape
     base = torch.randn(m, top_k, 2 * c["b13"][0].shape[2], device="cuda").to(torch.bfloat16)
     out = base.clone()
@@ -121,3 +127,28 @@ def test_replays_in_a_cuda_graph(mode):
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+def test_decode_kernel_compiles_once_across_batch_sizes():
+    # No recompilation across M (CUDA graphs are captured per batch size; a compile per M
+    # would stall the first step of each): one binary for M = 1..9 per projection shape.
+    from kernels import triton_moe_lora as tml
+
+    caches = getattr(tml._decode_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton has no JITFunction.device_caches")
+    options = LaunchOptions(decode=True)
+
+    def n_compiled():
+        return sum(len(v[0]) for v in caches.values())
+
+    counts = []
+    for m in range(1, 10):
+        c = _case("qwen3-30b-a3b", m, 2, 16, seed=m)
+        for kind in ("w13", "w2"):
+            out = torch.zeros(m, 8, 2 * 768 if kind == "w13" else 2048, device="cuda").to(
+                torch.bfloat16
+            )
+            _runner(kind, c, options, None)(out)
+        counts.append(n_compiled())
+    assert counts[-1] == counts[0], counts

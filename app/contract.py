@@ -49,6 +49,8 @@ class AdapterRef:
     engine_name: str
     uri: str
     sha256: str = ""
+    # The same adapter across versions: a new version retires the older ones on each replica.
+    lineage: str = ""
 
 
 @dataclass(frozen=True, slots=True)

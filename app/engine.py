@@ -48,6 +48,7 @@ from app.metrics import EngineMetrics
 from app.model_files import resolve_adapter_path, resolve_model_path
 from app.openai_errors import error_body
 from app.replica_env import reset_niceness
+from app.request_policy import prompt_chars
 from app.token_link import TokenLinks
 from app.usage import UsageConfig, UsageFile, UsageLedger
 
@@ -164,12 +165,8 @@ def reserved_tokens(request) -> float:
     """What a request may cost, in tokens, before it runs (fair sharing charges this when it
     starts and corrects it when it ends): a prompt estimate (about 4 characters a token) plus
     every sequence's output budget."""
-    prompt = getattr(request, "prompt", None)
-    if prompt is None:
-        prompt = getattr(request, "messages", "")
-    prompt_tokens = len(str(prompt)) / 4
     max_out = getattr(request, "max_completion_tokens", None) or request.max_tokens or 256
-    return prompt_tokens + max_out * (request.n or 1)
+    return prompt_chars(request) / 4 + max_out * (request.n or 1)
 
 
 def _error_head(status: HTTPStatus, message: str) -> ReplyHead:
@@ -201,6 +198,7 @@ class VLLMEngine:
         self._adapter_locks: dict[str, asyncio.Lock] = {}
         self._in_flight: Counter[str] = Counter()  # requests per adapter engine name
         self._host_pinned: set[str] = set()  # adapter versions pinned in vLLM's host cache
+        self._lineage: dict[str, str] = {}  # loaded adapter version -> its lineage
         self.metrics = None  # EngineMetrics inside a Ray replica
         self.usage = UsageLedger()
         self.token_links = TokenLinks()  # streams' text to the ingress replicas
@@ -283,7 +281,7 @@ class VLLMEngine:
                 self.metrics.adapter_load_time.observe(elapsed)
         if not isinstance(result, str):
             return ReplyHead(ReplyKind.ERROR, result.error.code, result.model_dump_json().encode())
-        self._retire_older_versions(ref.engine_name)
+        self._retire_older_versions(ref)
         if pinned:
             await self._pin(ref)
         return None
@@ -307,12 +305,15 @@ class VLLMEngine:
             self._host_pinned.add(ref.engine_name)
             logger.info("adapter %s pinned (tenant configured as pinned)", ref.engine_name)
 
-    def _retire_older_versions(self, engine_name: str) -> None:
+    def _retire_older_versions(self, ref: AdapterRef) -> None:
         """Unload earlier versions of the same adapter once nothing runs on them: requests in
         flight finish on the version they started with, new ones get the new version."""
-        family = engine_name.rpartition("/")[0] + "/"
-        for name in list(self.models.lora_requests):
-            if name.startswith(family) and name != engine_name and not self._in_flight[name]:
+        if not ref.lineage:
+            return
+        self._lineage[ref.engine_name] = ref.lineage
+        for name, lineage in list(self._lineage.items()):
+            if lineage == ref.lineage and name != ref.engine_name and not self._in_flight[name]:
+                del self._lineage[name]
                 asyncio.get_running_loop().create_task(self._unload(name))
 
     async def _unload(self, name: str) -> None:

@@ -67,6 +67,7 @@ from app.request_policy import (
     RequestLimits,
     check_fields,
     check_limits,
+    prompt_chars,
     tenant_cache_salt,
 )
 from app.tenancy import Caller, GatewayTrust, Refused, Tenancy
@@ -89,18 +90,6 @@ def materialized(value):
     if isinstance(value, Iterator):
         return [materialized(v) for v in value]
     return value
-
-
-def prompt_chars(request) -> int:
-    """Prompt length in characters (the ingress does not tokenize)."""
-    prompt = getattr(request, "prompt", None)
-    if prompt is None:  # chat: messages are dicts or pydantic models, content text or parts
-        contents = (
-            m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
-            for m in request.messages
-        )
-        return sum(len(str(c or "")) for c in contents)
-    return len(prompt) if isinstance(prompt, str) else len(str(prompt))
 
 
 def refusal_response(refused: Refused) -> Response:

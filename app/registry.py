@@ -166,9 +166,14 @@ class AdapterRecord:
         return self.owner is None
 
     @property
+    def lineage(self) -> str:
+        """The adapter across its versions, e.g. "acme/support", "_shared/assistant"."""
+        return f"{self.owner or SHARED_ENGINE_PREFIX}/{self.name}"
+
+    @property
     def engine_name(self) -> str:
         """Unique across tenants and versions, e.g. "acme/support/v3", "_shared/assistant/v1"."""
-        return f"{self.owner or SHARED_ENGINE_PREFIX}/{self.name}/v{self.version}"
+        return f"{self.lineage}/v{self.version}"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -90,3 +90,16 @@ def tenant_cache_salt(tenant: str, client_salt: str | None) -> str:
     characters: the client's part is hashed)."""
     narrowed = hashlib.sha256(client_salt.encode()).hexdigest()[:32] if client_salt else ""
     return f"{tenant}:{narrowed}"
+
+
+def prompt_chars(request) -> int:
+    """Prompt length in characters, before any tokenizing: the tenant ceiling on prompt size
+    (app/quotas.py) and the fair queue's cost estimate (app/engine.py) both use it."""
+    prompt = getattr(request, "prompt", None)
+    if prompt is None:  # chat: messages are dicts or pydantic models, content text or parts
+        contents = (
+            m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+            for m in request.messages
+        )
+        return sum(len(str(c or "")) for c in contents)
+    return len(prompt) if isinstance(prompt, str) else len(str(prompt))

@@ -53,7 +53,9 @@ class Caller:
         )
 
     def context(self, adapter: AdapterRecord | None) -> RequestContext:
-        ref = AdapterRef(adapter.engine_name, adapter.uri, adapter.sha256) if adapter else None
+        ref = None
+        if adapter:
+            ref = AdapterRef(adapter.engine_name, adapter.uri, adapter.sha256, adapter.lineage)
         return RequestContext(
             adapter=ref,
             tenant=self.tenant.name,

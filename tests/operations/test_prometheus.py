@@ -53,6 +53,8 @@ ALERT_VECTORS = {
     "MoeloraAdapterLoadFailures": "sum(rate(ray_moelora_adapter_loads_total"
     '{outcome="rejected"}[10m]))',
     "MoeloraKVCacheFull": "max(ray_vllm_kv_cache_usage_perc)",
+    "MoeloraTokenLinkFallback": '(sum(rate(ray_moelora_streams_total{transport="ray"}[10m])) '
+    "or vector(0)) / clamp_min(sum(rate(ray_moelora_streams_total[10m])), 1e-9)",
 }
 DATA_TIMEOUT_S = 180
 

@@ -1,0 +1,89 @@
+"""The README's first command, as a user runs it: `scripts/serve.sh` starts a Ray node and
+`serve run` of the config; `/ready` turns 200; a demo tenant streams with the official openai
+client; Ctrl-C (SIGINT to the script's process group) stops the app and the Ray node.
+
+Its own package: no other Ray may run beside it (the script's `ray stop` stops every Ray process
+on the machine, as Ray's CLI does), and pytest runs packages one after the other."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from app.builtin_model import DEMO_TENANTS
+from tests.net import free_port
+
+pytestmark = pytest.mark.engine
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 300
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(builtin, tmp_path):
+    port, metrics_port = free_port(), free_port()
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = port
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        ["bash", "scripts/serve.sh", str(path)],
+        cwd=ROOT,
+        env={**os.environ, "METRICS_PORT": str(metrics_port)},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, as a terminal gives it
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        ready = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert ready is not None and ready.status_code == 200, log.read_text()[-3000:]
+
+        tenant = DEMO_TENANTS[0]
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key=tenant.api_key, max_retries=0
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model=tenant.adapter,
+                messages=[{"role": "user", "content": "Where is my order?"}],
+                max_tokens=8,
+                stream=True,
+            )
+        )
+        assert chunks and chunks[-1].choices[0].finish_reason == "length"
+        assert all(c.model == tenant.adapter for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        assert metrics.status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        try:
+            proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert not listening(port), log.read_text()[-3000:]
+    assert not listening(metrics_port), "the Ray node is still up"

@@ -455,7 +455,10 @@ def decode_variants(model, rank, m):
         return {}
     auto = [use_decode(_cfg(), p, rank, k) for k in (spec["hidden"], spec["inter"])]
     if any(auto):
-        return {"tiles": dict(decode=False)}
+        return {
+            "tiles": dict(decode=False),
+            "decode1_l2pf": dict(decode_cfg={"L2_PREFETCH": True}),
+        }
     return {"decode1": dict(decode_max_pairs=1 << 30)}
 
 

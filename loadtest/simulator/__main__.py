@@ -1,7 +1,8 @@
 """python -m loadtest.simulator [validate|study|all] [--jobs 2] [--out-dir loadtest/results]
 
 validate: the 2-replica routing experiment replayed (seconds); study: 1,000 tenants on up to 64
-GPU replicas (~3 minutes on 2 cores with --jobs 2). Each writes its JSON to --out-dir and prints
+GPU replicas (~3 minutes on 2 cores with --jobs 2); all: both. seeds (not in all): the study's
+64-replica runs with two more seeds (~2 minutes). Each writes its JSON to --out-dir and prints
 its tables."""
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def provenance(started: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", default="all", choices=("validate", "study", "all"))
+    what = ("validate", "study", "seeds", "all")
+    parser.add_argument("what", nargs="?", default="all", choices=what)
     parser.add_argument("--jobs", type=int, default=2, help="processes for the study")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "loadtest/results")
     args = parser.parse_args()
@@ -65,6 +67,15 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")  # an unserved request: Infinity
         print(study.tables(result))
         print(f"written to {out} ({result['provenance']['run_s']:.0f} s)")
+    if args.what == "seeds":
+        started = time.monotonic()
+        result = study.run_seeds(jobs=args.jobs)
+        result["provenance"] = provenance(started)
+        out = args.out_dir / f"simulator_seeds_{stamp}.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        for r in result["runs"]:
+            print(r)
+        print(f"written to {out}")
 
 
 if __name__ == "__main__":

@@ -76,17 +76,24 @@ class Workload:
 
 def arrival_times(shape: str, duration_s: float, rng: np.random.Generator) -> np.ndarray:
     """`poisson:RATE`, `constant:RATE` (evenly spaced), `step:R1,R2,...` (Poisson, the
-    duration split evenly between the rates) or `ramp:RATE:SECONDS` (Poisson, the rate rising
+    duration split evenly between the rates), `ramp:RATE:SECONDS` (Poisson, the rate rising
     linearly from 0 to RATE over SECONDS, then constant: a fleet that starts with empty
-    adapter caches is not hit by the full load at once)."""
+    adapter caches is not hit by the full load at once) or `profile:T1=R1,T2=R2,...` (Poisson,
+    the rate linear between the points; a repeated time makes a step)."""
     kind, _, arg = shape.partition(":")
     if kind == "constant":
         rate = float(arg)
         return np.arange(1, int(duration_s * rate) + 1) / rate
-    if kind == "ramp":
-        rate, ramp_s = (float(x) for x in arg.split(":"))
-        times = np.sort(rng.uniform(0, duration_s, rng.poisson(rate * duration_s)))
-        keep = rng.random(len(times)) < np.minimum(1.0, times / ramp_s)  # thinning
+    if kind in ("ramp", "profile"):
+        if kind == "ramp":
+            rate, ramp_s = (float(x) for x in arg.split(":"))
+            points = [(0.0, 0.0), (ramp_s, rate)]
+        else:
+            points = [tuple(float(x) for x in p.split("=")) for p in arg.split(",")]
+        ts, rs = np.array(points).T
+        peak = rs.max()
+        times = np.sort(rng.uniform(0, duration_s, rng.poisson(peak * duration_s)))
+        keep = rng.random(len(times)) * peak < np.interp(times, ts, rs)  # thinning
         return times[keep]
     rates = [float(r) for r in arg.split(",")] if kind == "step" else [float(arg)]
     if kind not in ("poisson", "step"):
@@ -122,19 +129,18 @@ def generate(workload: Workload, shape: str, duration_s: float, seed: int) -> li
 def with_warmup(
     main: list[Request], tenants: int, seconds: float, per_tenant: int, seed: int
 ) -> list[Request]:
-    """`per_tenant` short requests of every tenant, spread evenly at random over `seconds`,
-    then `main` shifted by `seconds`: every adapter has been requested (and placed by the
-    router under test) before the measured traffic, as in a fleet that has run for a while;
-    otherwise most of the long tail's requests in a short run are first requests."""
+    """`main` plus `per_tenant` short requests of every tenant spread at random over its first
+    `seconds` (meant to overlap its ramp-up): every adapter has been requested, and placed by
+    the router under test under rising load, before the measured part, as in a fleet that has
+    run for a while. Without it most of the long tail's requests in a short run are the
+    tenant's first, so cold by construction."""
     rng = np.random.default_rng(seed + 7919)
     adapters = np.repeat(np.arange(tenants), per_tenant)
-    times = np.sort(rng.uniform(0, seconds, len(adapters)))
     rng.shuffle(adapters)
+    times = rng.uniform(0, seconds, len(adapters))
+    first = len(main)
     warm = [
-        Request(i, float(t), int(a), 128, 16)
+        Request(first + i, float(t), int(a), 128, 16)
         for i, (t, a) in enumerate(zip(times, adapters, strict=True))
     ]
-    shifted = [
-        Request(len(warm) + r.rid, r.arrival + seconds, r.adapter, r.prompt, r.output) for r in main
-    ]
-    return warm + shifted
+    return sorted(main + warm, key=lambda r: r.arrival)

@@ -561,6 +561,9 @@ def _decode_kernel(
     PDL: tl.constexpr,
     L2_PREFETCH: tl.constexpr,
     PF_LINES: tl.constexpr,
+    EARLY_ROUTE: tl.constexpr,
+    K_PAD: tl.constexpr,
+    SPEC_TEST: tl.constexpr,
 ):
     """One (pair, slice, column block) per program, the whole projection in ONE launch:
 
@@ -574,6 +577,11 @@ def _decode_kernel(
     round trip for the route and one for A, x, B and out. With L2_PREFETCH the program asks L2
     for its A and B blocks BEFORE waiting for the previous kernel (from a speculative read of
     the route, clamped to valid addresses: a hint only, the real route is read after the wait).
+    With EARLY_ROUTE the program loads its whole A block and its B columns BEFORE the wait,
+    from the route as it reads then; after the wait it reads the route again with x and out
+    (one round trip), and re-loads A and B only if the route changed (the previous kernel
+    wrote it): correct whatever the previous kernel did, fast when the route was written
+    earlier (vLLM: the router runs before the base GEMM that precedes this kernel).
     """
     pid = tl.program_id(0)
     pair = pid // NUM_SLICES
@@ -600,16 +608,47 @@ def _decode_kernel(
         _l2_prefetch(a_pf + rows[:, None] * sa_r + lines[None, :] * sa_k, True)
         b_pf = bp + (s0.to(tl.int64) * sb_s + e0.to(tl.int64) * sb_e)
         _l2_prefetch(b_pf + tl.minimum(offs_n, N - 1) * sb_n, True)
+    m = pair // TOPK
+    kk = pair % TOPK
+    if IS_W2:
+        row = pair.to(tl.int64)
+    else:
+        row = m.to(tl.int64)
+    if EARLY_ROUTE:
+        # Speculative: the route as it reads now (clamped to valid addresses), and this
+        # program's whole A block and B columns loaded into registers BEFORE the wait (weights
+        # are never written by a kernel). Re-checked after the wait below.
+        s_sp = tl.minimum(tl.maximum(tl.load(slots_ptr + m), 0), num_slots - 1)
+        e_sp = tl.minimum(tl.maximum(tl.load(topk_ptr + pair), 0), E - 1)
+        if SPEC_TEST:  # test hook: a wrong guess, so the re-load path runs
+            e_sp = (e_sp + 1) % E
+        kfull = tl.arange(0, K_PAD)
+        a_mask = r_mask[:, None] & (kfull < K)[None, :]
+        b_mask = n_mask[:, None] & r_mask[None, :]
+        a_tile = offs_r[:, None] * sa_r + kfull[None, :] * sa_k
+        b_tile = offs_n[:, None] * sb_n + offs_r[None, :] * sb_r
+        if NUM_SLICES == 2:
+            a_sp = tl.where(sl == 0, a0_ptr, a1_ptr)
+            b_sp = tl.where(sl == 0, b0_ptr, b1_ptr)
+        else:
+            a_sp = a0_ptr
+            b_sp = b0_ptr
+        a_full = tl.load(
+            a_sp + (s_sp.to(tl.int64) * sa_s + e_sp.to(tl.int64) * sa_e) + a_tile,
+            mask=a_mask,
+            other=0.0,
+        )
+        b = tl.load(
+            b_sp + (s_sp.to(tl.int64) * sb_s + e_sp.to(tl.int64) * sb_e) + b_tile,
+            mask=b_mask,
+            other=0.0,
+        )
     pdl_wait(PDL)
     slot, expert, active = pair_route(
         topk_ptr, slots_ptr, enabled_ptr, pair, num_slots, TOPK, E, HAS_ENABLED
     )
     if not active:
         return
-    if IS_W2:
-        row = pair.to(tl.int64)
-    else:
-        row = (pair // TOPK).to(tl.int64)
     a_off = slot.to(tl.int64) * sa_s + expert.to(tl.int64) * sa_e
     b_off = slot.to(tl.int64) * sb_s + expert.to(tl.int64) * sb_e
     if NUM_SLICES == 2:
@@ -618,37 +657,46 @@ def _decode_kernel(
     else:
         a_base = a0_ptr + a_off
         b_base = b0_ptr + b_off
-    # B and out of this column block first: independent of the shrink.
-    b = tl.load(
-        b_base + offs_n[:, None] * sb_n + offs_r[None, :] * sb_r,
-        mask=n_mask[:, None] & r_mask[None, :],
-        other=0.0,
-    )
-    m = pair // TOPK
-    kk = pair % TOPK
     o_ptrs = (
         out_ptr
         + m.to(tl.int64) * stride_om
         + kk.to(tl.int64) * stride_ok
         + (out_col0 + sl * N + offs_n) * stride_on
     )
-    o = tl.load(o_ptrs, mask=n_mask, other=0.0)
-    # The shrink: the whole K, unrolled (every A and x load can be in flight at once).
-    EVEN_K: tl.constexpr = K % BLOCK_K == 0
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     x_row = x_ptr + row * stride_xm
-    for kc in tl.static_range((K + BLOCK_K - 1) // BLOCK_K):
-        kidx = kc * BLOCK_K + offs_k
-        a_ptrs = a_base + offs_r[:, None] * sa_r + kidx[None, :] * sa_k
-        if EVEN_K:
-            xv = tl.load(x_row + kidx)
-            a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
-        else:
-            k_mask = kidx < K
-            xv = tl.load(x_row + kidx, mask=k_mask, other=0.0)
-            a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += a.to(tl.float32) * xv.to(tl.float32)[None, :]
-    t = tl.sum(acc, axis=1)
+    if EARLY_ROUTE:
+        # After the wait: x and out (written by earlier kernels), and A / B again only where
+        # the guess was wrong (masked loads: no memory traffic when it was right).
+        o = tl.load(o_ptrs, mask=n_mask, other=0.0)
+        xv = tl.load(x_row + kfull, mask=kfull < K, other=0.0)
+        wrong = (slot != s_sp) | (expert != e_sp)
+        wrong_r = (offs_r * 0 + wrong.to(tl.int32)) != 0
+        a_full = tl.load(a_base + a_tile, mask=a_mask & wrong_r[:, None], other=a_full)
+        b = tl.load(b_base + b_tile, mask=b_mask & wrong_r[None, :], other=b)
+        t = tl.sum(a_full.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
+    else:
+        # B and out of this column block first: independent of the shrink.
+        b = tl.load(
+            b_base + offs_n[:, None] * sb_n + offs_r[None, :] * sb_r,
+            mask=n_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        o = tl.load(o_ptrs, mask=n_mask, other=0.0)
+        # The shrink: the whole K, unrolled (every A and x load can be in flight at once).
+        EVEN_K: tl.constexpr = K % BLOCK_K == 0
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for kc in tl.static_range((K + BLOCK_K - 1) // BLOCK_K):
+            kidx = kc * BLOCK_K + offs_k
+            a_ptrs = a_base + offs_r[:, None] * sa_r + kidx[None, :] * sa_k
+            if EVEN_K:
+                xv = tl.load(x_row + kidx)
+                a = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+            else:
+                k_mask = kidx < K
+                xv = tl.load(x_row + kidx, mask=k_mask, other=0.0)
+                a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += a.to(tl.float32) * xv.to(tl.float32)[None, :]
+        t = tl.sum(acc, axis=1)
     t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
     d = tl.sum(b.to(tl.float32) * t[None, :], axis=1)
     if IS_W2:
@@ -857,6 +905,11 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
     dc.update(call.options.decode_cfg or {})
     prefetch = bool(dc.pop("L2_PREFETCH")) and call.pdl["PDL"]
     pf_lines = triton.next_power_of_2(triton.cdiv(k_dim, 64))
+    k_pad = triton.next_power_of_2(k_dim)
+    block_r = triton.next_power_of_2(max(rank, 16))
+    # EARLY_ROUTE holds all of A in registers: only while it is small (plan's limit).
+    early = bool(dc.pop("EARLY_ROUTE")) and block_r * k_pad <= call.cfg["decode_max_a_elems"]
+    spec_test = bool(dc.pop("SPEC_TEST", False))
     grid = (p * len(a), triton.cdiv(n_dim, dc["BLOCK_N"]))
     _decode_kernel[grid](
         out,
@@ -885,9 +938,12 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
         NUM_SLICES=len(a),
         IS_W2=is_w2,
         HAS_ENABLED=has_en,
-        BLOCK_R=triton.next_power_of_2(max(rank, 16)),
+        BLOCK_R=block_r,
         L2_PREFETCH=prefetch,
         PF_LINES=pf_lines,
+        EARLY_ROUTE=early,
+        K_PAD=k_pad,
+        SPEC_TEST=spec_test,
         **dc,
         **call.pdl,
     )

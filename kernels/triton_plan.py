@@ -114,7 +114,8 @@ def use_decode(cfg: dict, num_pairs: int, rank: int, k_dim: int, max_pairs=None)
 
 def decode_config(cfg: dict, rank: int, k_dim: int) -> dict:
     """Block sizes of the decode kernel: BLOCK_N output columns per program, the K reduction
-    in BLOCK_K chunks (unrolled), warps, and whether to prefetch A/B into L2 before the wait."""
+    in BLOCK_K chunks (unrolled), warps, whether to prefetch A/B into L2 before the wait, and
+    whether to load A/B into registers before the wait from a speculative read of the route."""
     a_elems = pow2_at_least(rank, 16) * k_dim
     return dict(
         BLOCK_N=cfg["decode_block_n"],
@@ -122,6 +123,7 @@ def decode_config(cfg: dict, rank: int, k_dim: int) -> dict:
         # about 128 A elements per thread at most (registers: all of A's loads in flight)
         num_warps=cfg["decode_warps"] * (2 if a_elems > cfg["decode_wide_a_elems"] else 1),
         L2_PREFETCH=bool(cfg["decode_l2_prefetch"]),
+        EARLY_ROUTE=bool(cfg["decode_early_route"]),
     )
 
 

@@ -82,6 +82,9 @@ class Layer:
         self.lora = lora_meta(self.topk_ids, self.slots, self.enabled)
 
 
+OURS_OPTIONS = None  # LaunchOptions for our op (--ours-options), None = the plan
+
+
 def run_layer(base, w1, w2, lay: Layer, lora: str, adapters, vllm):
     k = lay.topk_ids.shape[1]
     base.gemm(lay.x, w1, lay.cache1, lay.topk_w, lay.base, False, k)
@@ -95,6 +98,7 @@ def run_layer(base, w1, w2, lay: Layer, lora: str, adapters, vllm):
             adapters["a13"],
             adapters["b13"],
             lay.enabled,
+            **({"options": OURS_OPTIONS} if OURS_OPTIONS is not None else {}),
         )
     elif lora == "vllm":
         vllm.w13(lay.cache1, lay.x, adapters["a13"], adapters["b13"], lay.topk_w, lay.lora)
@@ -111,6 +115,7 @@ def run_layer(base, w1, w2, lay: Layer, lora: str, adapters, vllm):
             adapters["b2"],
             lay.enabled,
             routing=routing,
+            **({"options": OURS_OPTIONS} if OURS_OPTIONS is not None else {}),
         )
     elif lora == "vllm":
         vllm.w2(lay.cache3, lay.cache2, adapters["a2"], adapters["b2"], lay.topk_w, lay.lora)
@@ -131,7 +136,19 @@ def main():
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--adapters", default=",".join(map(str, GRID_ADAPTERS)))
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--ranks", default=",".join(map(str, GRID_RANKS)))
+    ap.add_argument("--grid-m", default=",".join(map(str, GRID_M)))
+    ap.add_argument(
+        "--ours-options", default=None, help='LaunchOptions fields as JSON, e.g. {"decode": false}'
+    )
     args = ap.parse_args()
+    global OURS_OPTIONS
+    if args.ours_options:
+        from kernels.triton_plan import LaunchOptions
+
+        OURS_OPTIONS = LaunchOptions(**json.loads(args.ours_options))
+    GRID_RANKS[:] = [int(v) for v in args.ranks.split(",")]
+    GRID_M[:] = [int(v) for v in args.grid_m.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -142,6 +159,7 @@ def main():
         date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         vllm_ref=vllm_ops.source(),
         layers_in_graph=LAYERS,
+        ours_options=args.ours_options,
     )
     info["peak_copy_gbps"] = peak = measure_peak_bw()
     log(json.dumps(info))

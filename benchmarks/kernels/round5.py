@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from benchmarks.kernels.bench import Group, our_path_name, time_cell, time_single
 from benchmarks.kernels.inputs import DEV
 from benchmarks.kernels.timing import measure_peak_bw
+from kernels.triton_util import pdl_wait
 
 
 def log(*a):
@@ -42,6 +45,23 @@ DECODE_VARIANTS = {
     "dec_w16": {**_D, "decode_cfg": {"num_warps": 16}},
     "dec_w4": {**_D, "decode_cfg": {"num_warps": 4}},
 }
+# second call: the plan as set from the first (BLOCK_N 512, no L2 prefetch) and the early route
+DECODE2_VARIANTS = {
+    "auto": {},
+    "tiles": dict(decode=False),
+    "dec": _D,
+    "dec_early": {**_D, "decode_cfg": {"EARLY_ROUTE": True}},
+    "dec_early_w16": {**_D, "decode_cfg": {"EARLY_ROUTE": True, "num_warps": 16}},
+    "dec_early_pf": {**_D, "decode_cfg": {"EARLY_ROUTE": True, "L2_PREFETCH": True}},
+}
+DECODE2_CELLS = [
+    ("qwen3-30b-a3b", 16, 8, 1),
+    ("qwen3-30b-a3b", 16, 1, 1),
+    ("qwen3-30b-a3b", 16, 8, 4),
+    ("qwen3-30b-a3b", 16, 8, 16),
+    ("gpt-oss-20b", 16, 8, 1),
+    ("qwen3-30b-a3b", 64, 8, 1),
+]
 DECODE_CELLS = [  # (model, rank, adapters, M)
     (model, rank, n_act, m)
     for model in ("gpt-oss-20b", "qwen3-30b-a3b")
@@ -77,6 +97,72 @@ def _table(rows, names, method_key="method"):
         vals = [f"{r.get(f'ours_{n}_us', float('nan')):.1f}" for n in names]
         out.append("| " + " | ".join([c, r[method_key], r.get("our_path", "")] + vals) + " |")
     return "\n".join(out)
+
+
+@triton.jit
+def _chain(src, dst, w, w_stride, READS: tl.constexpr, WEIGHTS: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
+    v = tl.zeros((256,), dtype=tl.float32)
+    if READS:
+        v += tl.load(src + tl.arange(0, 256))
+    if WEIGHTS:
+        base = w + tl.program_id(0).to(tl.int64) * w_stride
+        a = tl.load(base + tl.arange(0, 16)[:, None] * 2048 + tl.arange(0, 2048)[None, :])
+        v += tl.sum(tl.reshape(tl.sum(a.to(tl.float32), axis=0), (8, 256)), axis=0)
+    tl.store(dst + tl.arange(0, 256), v)
+
+
+def part_floor(results):
+    """What one dependent launch costs on its own: chains of 400 tiny kernels in a CUDA graph
+    (each waits for the previous one, as our launches do), per kernel: an empty one, one that
+    reads one value written by the previous kernel (one L2 round trip after the wait), and one
+    that also reads 64 KB of cold weights (a fresh block each kernel) after the wait."""
+    from benchmarks.kernels.timing import graph_time
+
+    bufs = [torch.zeros(256, device=DEV) for _ in range(2)]
+    nw = 4096
+    w = torch.randn(nw, 16 * 2048, device=DEV).to(torch.bfloat16)  # 256 MB: cold per kernel
+    rows = []
+    for name, reads, weights in (
+        ("empty", False, False),
+        ("1 L2 read", True, False),
+        ("+64KB cold", True, True),
+    ):
+        for pdl in (False, True):
+            kw = dict(PDL=True, launch_pdl=True) if pdl else dict(PDL=False)
+
+            def call(i, reads=reads, weights=weights, kw=kw, w=w):
+                _chain[(8,)](
+                    bufs[i % 2],
+                    bufs[(i + 1) % 2],
+                    w[i * 8 :],
+                    w.stride(0),
+                    READS=reads,
+                    WEIGHTS=weights,
+                    **kw,
+                )
+
+            us, _ = graph_time(call, 400)  # 400 x 8 x 64 KB = 210 MB of weights
+            rows.append(dict(kernel=name, pdl=pdl, us_per_kernel=us))
+            log(f"floor {name} pdl={pdl}: {us:.2f} us per dependent kernel")
+    results["launch_floor"] = rows
+    del w
+    torch.cuda.empty_cache()
+    out = ["| kernel (8 programs) | no PDL µs | PDL µs |", "|---|---|---|"]
+    for i in range(0, len(rows), 2):
+        out.append(
+            f"| {rows[i]['kernel']} | {rows[i]['us_per_kernel']:.2f} | "
+            f"{rows[i + 1]['us_per_kernel']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def part_decode2(results, peak):
+    global DECODE_VARIANTS, DECODE_CELLS
+    DECODE_VARIANTS, DECODE_CELLS = DECODE2_VARIANTS, DECODE2_CELLS
+    table = part_decode(results, peak)
+    results["decode2"] = results.pop("decode")
+    return table
 
 
 def part_decode(results, peak):
@@ -172,6 +258,12 @@ def main():
         if "decode" in parts:
             tables.append(part_decode(results, peak))
             log(f"[{time.time() - t0:.0f}s] decode done")
+        if "floor" in parts:
+            tables.append(part_floor(results))
+            log(f"[{time.time() - t0:.0f}s] floor done")
+        if "decode2" in parts:
+            tables.append(part_decode2(results, peak))
+            log(f"[{time.time() - t0:.0f}s] decode2 done")
     finally:
         (out / "round5_probe.json").write_text(json.dumps(results, indent=1))
         log("\n\n".join(tables))

@@ -315,10 +315,19 @@ def test_fused_base_lora_prototype(kind, shape):
 # Round five: the one-launch decode kernel (every column block recomputes its pair's shrink;
 # tl.sum, no tl.dot, so bf16 is checked here too), forced on, with the plan's block sizes and
 # with small ones (several column blocks and K chunks, a partial last K chunk).
-DECODE_CFGS = [None, dict(BLOCK_N=16, BLOCK_K=64, num_warps=4)]
+DECODE_CFGS = [
+    None,
+    dict(BLOCK_N=16, BLOCK_K=64, num_warps=4),
+    # A / B loaded before the PDL wait from a speculative route; with SPEC_TEST the guess is
+    # always wrong, so the re-load after the wait is what runs
+    dict(EARLY_ROUTE=True, BLOCK_N=16),
+    dict(EARLY_ROUTE=True, SPEC_TEST=True, BLOCK_N=16),
+]
 
 
-@pytest.mark.parametrize("cfg", DECODE_CFGS, ids=["plan", "small-blocks"])
+@pytest.mark.parametrize(
+    "cfg", DECODE_CFGS, ids=["plan", "small-blocks", "early-route", "early-route-wrong-guess"]
+)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["w13", "w2"])
 def test_decode_one_launch(kind, shape, cfg):
@@ -335,3 +344,5 @@ def test_decode_one_launch_half_and_disabled(kind, dtype):
     c["token_slots"][1] = 9  # out of range: ignored
     enabled = torch.tensor([1, 0, 1, 0, 1], dtype=torch.int32)
     check(kind, c, LaunchOptions(decode=True), torch.float32, enabled)
+    for cfg in DECODE_CFGS[2:]:
+        check(kind, c, LaunchOptions(decode=True, decode_cfg=cfg), torch.float32, enabled)

@@ -34,6 +34,13 @@ PATHS = {
     "decode1-no-l2-prefetch": LaunchOptions(
         decode_max_pairs=1 << 30, decode_cfg={"L2_PREFETCH": False}
     ),
+    "decode1-early-route": LaunchOptions(
+        decode_max_pairs=1 << 30, decode_cfg={"EARLY_ROUTE": True}
+    ),
+    # the speculative route always wrong: the re-load after the wait must fix it
+    "decode1-early-route-wrong-guess": LaunchOptions(
+        decode_max_pairs=1 << 30, decode_cfg={"EARLY_ROUTE": True, "SPEC_TEST": True}
+    ),
     "auto": LaunchOptions(),
 }
 # model, M, adapters, rank: decode sizes, a grouped size, an odd M
@@ -107,10 +114,12 @@ def test_paths_match_oracle_at_model_shapes(cell, path):
         )
 
 
-@pytest.mark.parametrize("mode", ["naive", "grouped", "decode"])
+@pytest.mark.parametrize("mode", ["naive", "grouped", "decode", "decode-early-route"])
 def test_replays_in_a_cuda_graph(mode):
     c = _case("gpt-oss-20b", 4, 2, 16, seed=5)
-    options = LaunchOptions(decode=True) if mode == "decode" else LaunchOptions(mode=mode)
+    options = LaunchOptions(mode=mode)
+    if mode.startswith("decode"):
+        options = LaunchOptions(decode=True, decode_cfg={"EARLY_ROUTE": mode != "decode"})
     m, top_k = c["topk_ids"].shape
     base = torch.randn(m, top_k, 2 * c["b13"][0].shape[2], device="cuda").to(torch.bfloat16)
     out = base.clone()

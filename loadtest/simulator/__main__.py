@@ -58,6 +58,14 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"slowdown fitted on {result['fit_run']}: {result['slowdown']}")
         print(validate.table(result))
+        sat = result["loadtest_saturation_check"]
+        print(
+            f"one replica, docs/loadtest.md's steps: measured tokens/s "
+            f"{sat['measured']['tokens_per_s']}, TTFT p50 {sat['measured']['ttft_p50_s']}"
+        )
+        for sim in sat["simulated"]:
+            print(f"  simulated, slowdown {sim['slowdown']}: tokens/s {sim['tokens_per_s']}, "
+                  f"TTFT p50 {sim['ttft_p50_s']}")  # fmt: skip
         print(f"within target: {result['within_target']}; written to {out}\n", flush=True)
     if args.what in ("study", "all"):
         started = time.monotonic()

@@ -14,14 +14,17 @@ seeds: the median, and the range.
 from __future__ import annotations
 
 import json
+import random
 import re
+from dataclasses import replace
 from pathlib import Path
 from statistics import median
 
 from loadtest.simulator.fleet import Fleet
-from loadtest.simulator.params import FleetParams, Scenario, cpu_builtin
+from loadtest.simulator.params import FleetParams, Scenario, cpu_builtin, prompt_tokens
 from loadtest.simulator.summary import summarize
-from loadtest.simulator.traffic import routing_experiment_traffic
+from loadtest.simulator.traffic import Request, routing_experiment_traffic
+from loadtest.workload import LengthDist, ZipfSampler
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks/routing/results"
@@ -136,6 +139,11 @@ def run_validation() -> dict:
             },
         })  # fmt: skip
     held_out = [r for r in rows if r["role"] == "validation"]
+    saturation = {
+        "measured": {"sent_per_step": LOADTEST_SENT, "tokens_per_s": LOADTEST_TOKENS_PER_S,
+                     "ttft_p50_s": LOADTEST_TTFT_P50_S},
+        "simulated": [saturation_check(1.0), saturation_check(slowdown)],
+    }  # fmt: skip
     return {
         "fit_run": FIT_RUN,
         "slowdown": slowdown,
@@ -153,7 +161,51 @@ def run_validation() -> dict:
             ),
         },
         "runs": rows,
+        "loadtest_saturation_check": saturation,
     }
+
+
+# docs/loadtest.md's one-replica run (2026-11-30 02:49, serve_config.yaml: max_num_seqs 32,
+# 16 tenants, Zipf 1.1): requests sent and output tokens/s per 50 s step of its Poisson shape,
+# TTFT p50 per step. The machine had a load average of 56-121 then, and a pool of 64 Locust
+# users capped the requests in flight: a check of where throughput saturates, not a validation.
+LOADTEST_SENT = (66, 121, 158, 188, 234, 229)
+LOADTEST_TOKENS_PER_S = (95, 161, 218, 249, 299, 266)
+LOADTEST_TTFT_P50_S = (0.18, 0.26, 0.23, 1.35, 3.42, 8.35)
+LOADTEST_STEP_S = 50.0
+
+
+def loadtest_traffic(seed: int = 0) -> list[Request]:
+    """Poisson at each step's sent rate, the run's tenant and length distributions."""
+    rng = random.Random(seed)
+    zipf = ZipfSampler(16, 1.1, random.Random(seed + 1))
+    words, outputs = LengthDist.parse("lognormal:24:0.5:200"), LengthDist.parse("uniform:16:128")
+    reqs: list[Request] = []
+    for i, sent in enumerate(LOADTEST_SENT):
+        t, end = i * LOADTEST_STEP_S, (i + 1) * LOADTEST_STEP_S
+        while (t := t + rng.expovariate(sent / LOADTEST_STEP_S)) < end:
+            reqs.append(Request(len(reqs), t, zipf(), prompt_tokens(words.sample(rng)),
+                                outputs.sample(rng)))  # fmt: skip
+    return reqs
+
+
+def saturation_check(slowdown: float) -> dict:
+    engine = replace(cpu_builtin(slowdown), max_num_seqs=32)
+    reqs = loadtest_traffic()
+    Fleet(Scenario(engine, FleetParams(max_ongoing_requests=128)), "ours", 1).run(reqs)
+    tokens, ttft = [], []
+    for i in range(len(LOADTEST_SENT)):
+        lo, hi = i * LOADTEST_STEP_S, (i + 1) * LOADTEST_STEP_S
+        step = [r.first_token - r.arrival + engine.overhead_s for r in reqs if lo <= r.arrival < hi]
+        ttft.append(round(median(step), 2))
+        # a request's tokens spread evenly from its first token to its end
+        made = sum(
+            r.output * (min(r.done, hi) - max(r.first_token, lo)) / (r.done - r.first_token)
+            for r in reqs
+            if r.done > r.first_token and min(r.done, hi) > max(r.first_token, lo)
+        )
+        tokens.append(round(made / LOADTEST_STEP_S))
+    return {"slowdown": slowdown, "tokens_per_s": tokens, "ttft_p50_s": ttft}
 
 
 def table(result: dict) -> str:

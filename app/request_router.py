@@ -6,7 +6,8 @@ has a replica with capacity:
 
   1. replicas where the adapter is resident on the accelerator (in a LoRA slot),
   2. replicas holding it in CPU memory (loading it into a slot is cheap),
-  3. every replica (least loaded wins; the adapter is loaded from disk there).
+  3. every replica (least loaded wins, then the one holding the fewest adapters; the adapter
+     is loaded from disk there).
 
 Residency comes from the replicas' published routing stats (app/contract.py RoutingStats),
 refreshed every few seconds, plus what this router itself sent recently (so a burst for a new
@@ -22,6 +23,7 @@ show how often a request lands where its adapter already is.
 
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -46,6 +48,11 @@ def _routing_metrics() -> RoutingMetrics | None:
             return None
         _metrics = RoutingMetrics()
     return _metrics
+
+
+def _adapters_held(replica: RunningReplica) -> int:
+    stats = RoutingStats.parse(replica.routing_stats)
+    return len(set(stats.accelerator_adapters) | set(stats.cpu_adapters))
 
 
 def serving_replicas(candidates: list[RunningReplica]) -> list[RunningReplica]:
@@ -74,9 +81,17 @@ class AdapterAffinityRequestRouter(RequestRouter):
         return sent is not None and now - sent < RECENT_ROUTE_TTL_S
 
     def rank(self, candidates: list[RunningReplica], adapter: str) -> list[list[RunningReplica]]:
-        """The tiers described in the module docstring (pure function of state: unit-tested)."""
+        """The tiers described in the module docstring (a function of state and chance:
+        unit-tested). Within a tier Ray Serve takes the first of the replicas with the shortest
+        queue. Tiers 1-2 keep the candidates' order, so equal holders keep getting an adapter
+        on the same one (fewer slot loads); the last tier, where a new adapter or a base
+        request lands, comes in random order with the replicas holding the fewest adapters
+        first: equal queues (an idle fleet, sequential traffic) must not send everything new to
+        the same replica."""
+        shuffled = random.sample(candidates, len(candidates))
         if not adapter or not candidates:
-            return [candidates]
+            return [shuffled]
+        everyone = sorted(shuffled, key=_adapters_held)  # stable: random among equals
         now = time.monotonic()
         floor = min(self._load(r) for r in candidates)
         within_bound = [r for r in candidates if self._load(r) <= floor + self.imbalance_threshold]
@@ -87,7 +102,7 @@ class AdapterAffinityRequestRouter(RequestRouter):
                 on_accelerator.append(r)
             elif adapter in stats.cpu_adapters:
                 in_cpu.append(r)
-        return [tier for tier in (on_accelerator, in_cpu) if tier] + [candidates]
+        return [tier for tier in (on_accelerator, in_cpu) if tier] + [everyone]
 
     async def choose_replicas(
         self,

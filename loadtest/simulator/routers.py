@@ -4,7 +4,7 @@ or None when every candidate's queue is full (the request then waits at the hand
 Queue lengths are what Ray's routers read from their queue-length cache: incremented when a
 request is sent, decremented when it ends, i.e. the replica's ongoing requests (exact here; one
 router, the single ingress replica's). Within a tier Ray takes the shortest queue, ties to the
-first candidate in its list (replica order).
+first candidate in its list (ours orders its tiers for that, as app/request_router.py does).
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class Router:
         return best
 
 
+def _adapters_held(replica: Replica) -> int:
+    accel, cpu = replica.published
+    return len(set(accel) | set(cpu))
+
+
 class AdapterAffinityRouter(Router):
     """app/request_router.py AdapterAffinityRequestRouter.rank(): tiers (1) the adapter in a
     slot by the replica's last published stats, or sent there by this router within
@@ -54,6 +59,9 @@ class AdapterAffinityRouter(Router):
         self.tiers = {"accelerator": 0, "cpu": 0, "cold": 0}
 
     def rank(self, req: Request, replicas: list[Replica], now: float) -> list[list[Replica]]:
+        # As the app: tiers 1-2 in replica order (Ray takes the first of equal queues), the
+        # last one in random order with the replicas holding the fewest adapters first.
+        everyone = sorted(self.rng.sample(replicas, len(replicas)), key=_adapters_held)
         floor = min(r.ongoing for r in replicas)
         bound = floor + self.fleet.imbalance_threshold
         sent = self.recent_routes.get(req.adapter, {})
@@ -67,7 +75,7 @@ class AdapterAffinityRouter(Router):
                 on_accelerator.append(r)
             elif req.adapter in cpu:
                 in_cpu.append(r)
-        return [tier for tier in (on_accelerator, in_cpu) if tier] + [replicas]
+        return [tier for tier in (on_accelerator, in_cpu) if tier] + [everyone]
 
     def choose(self, req: Request, replicas: list[Replica], now: float) -> Replica | None:
         for tier in self.rank(req, replicas, now):

@@ -42,8 +42,19 @@ def test_accelerator_then_cpu_then_everyone():
 
 
 def test_adapter_nowhere_or_base_model_goes_anywhere():
-    assert ids(make_router().rank(ALL, "zzz")) == [["cold", "cpu", "gpu"]]
-    assert ids(make_router().rank(ALL, "")) == [["cold", "cpu", "gpu"]]
+    assert ids(make_router().rank(ALL, "zzz")) == [["cold", "cpu", "gpu"]]  # fewest held first
+    (base,) = ids(make_router().rank(ALL, ""))
+    assert sorted(base) == ["cold", "cpu", "gpu"]
+
+
+def test_equal_replicas_share_new_adapters_and_base_requests():
+    """Ray Serve takes the first of equally loaded replicas: the order must not always be the
+    same, or an idle fleet sends everything new to one replica."""
+    twins = [FakeReplica("r1"), FakeReplica("r2")]
+    router = make_router()
+    for adapter in ("", "new-adapter"):
+        firsts = [router.rank(twins, adapter)[-1][0].replica_id for _ in range(400)]
+        assert 120 < firsts.count("r1") < 280, (adapter, firsts.count("r1"))
 
 
 def test_load_bound_drops_an_overloaded_holder():

@@ -42,6 +42,12 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
   decode cell on the H200 (docs/kernels.md, "What was built and tried in round two"): its
   in-grid handoff cost more than the launch boundary it removed. It is not kept.
 
+* Decode path (round five, _decode_kernel): ONE launch per projection with no handoff at all:
+  a program per (pair, slice, column block) computes the pair's whole shrink itself (A re-read
+  from L2 by each column block of the pair) and adds B @ t to its columns. It wins only while a
+  pair's A block is small (Qwen3 rank 16: 16 x 2048 / 16 x 768) and the batch is small (the
+  plan's decode_* keys; docs/kernels.md, "Round five"); elsewhere the tile path runs.
+
 * No autotuning at run time: block sizes are rules of the shapes, and the plan thresholds come
   from kernels/configs/ by GPU name (kernels/triton_plan.py).
 """

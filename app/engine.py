@@ -166,7 +166,8 @@ def reserved_tokens(request) -> float:
     starts and corrects it when it ends): a prompt estimate (about 4 characters a token) plus
     every sequence's output budget."""
     max_out = getattr(request, "max_completion_tokens", None) or request.max_tokens or 256
-    return prompt_chars(request) / 4 + max_out * (request.n or 1)
+    # Never negative: a bad budget (max_tokens -5) is vLLM's to refuse with a 400, after this.
+    return prompt_chars(request) / 4 + max(0, max_out) * max(1, request.n or 1)
 
 
 def _error_head(status: HTTPStatus, message: str) -> ReplyHead:

@@ -389,3 +389,17 @@ def test_bad_arguments_are_refused():
             await FairQueue(seats=1).acquire("a", cost=1, weight=0)
 
     run(scenario)
+
+
+def test_the_engines_cost_estimate_is_never_negative_for_a_bad_budget():
+    """A bad max_tokens is vLLM's to refuse (a 400); the estimate made before must not make the
+    fair queue raise first (that answered 503 for `max_tokens: -5` with a short prompt)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from app.engine import reserved_tokens
+
+    def request(**kw):
+        return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}], **kw)
+
+    assert reserved_tokens(request(max_tokens=-5)) >= 0
+    assert reserved_tokens(request(max_tokens=100, n=2)) == pytest.approx(0.5 + 200)

@@ -202,7 +202,7 @@ class StandInEngine:
     (standin_ttft_ms, standin_tpot_ms). Completions and non-streaming requests are answered in
     the same contract on the same schedule (not measured)."""
 
-    def __init__(self, engine, storage=None):
+    def __init__(self, engine, storage=None, usage=None):  # EngineDeployment's arguments
         reset_niceness()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         extra = engine.extra_args

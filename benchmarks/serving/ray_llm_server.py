@@ -29,9 +29,9 @@ BUCKET = "adapters"
 def bench_adapters(count: int) -> dict[str, str]:
     """`count` adapter names -> built-in demo adapter files, round robin over the demo files:
     distinct adapters to the engine (each its own LoRA slot), identical in weights."""
-    from app.builtin_model import DEMO_TENANTS, SHARED_DEMO_ADAPTER
+    from app.builtin_model import DEMO_TENANTS
 
-    files = [t.adapter for t in DEMO_TENANTS] + [SHARED_DEMO_ADAPTER]
+    files = [t.adapter for t in DEMO_TENANTS]  # the built-in adapter files (4)
     return {f"bench-{i:02d}": files[i % len(files)] for i in range(count)}
 
 

@@ -60,6 +60,7 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(builtin
                 pass
             time.sleep(2)
         assert ready is not None and ready.status_code == 200, log.read_text()[-3000:]
+        assert ready.headers.get("x-request-id")
 
         tenant = DEMO_TENANTS[0]
         client = openai.OpenAI(

@@ -33,17 +33,29 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(builtin, tmp_path):
+@pytest.mark.parametrize("direct_ingress", [False, True], ids=["proxy", "direct-ingress"])
+def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
+    builtin, tmp_path, direct_ingress
+):
     port, metrics_port = free_port(), free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     config["http_options"]["port"] = port
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "serve.log"
+    env = {**os.environ, "METRICS_PORT": str(metrics_port)}
+    if direct_ingress:  # the README's opt-in: the ingress replica on a port of its own
+        port = free_port()
+        env.update(
+            RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
+            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="65535",  # Ray's default ends at 31000
+            RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1",
+        )
     proc = subprocess.Popen(
         ["bash", "scripts/serve.sh", str(path)],
         cwd=ROOT,
-        env={**os.environ, "METRICS_PORT": str(metrics_port)},
+        env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, as a terminal gives it

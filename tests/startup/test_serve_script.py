@@ -28,6 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 300
 
 
+def as_from_a_terminal() -> None:
+    """Ctrl-C delivered with its default action, as a terminal gives it: a process started in
+    the background by a script inherits SIGINT ignored, and one forked by Ray's process
+    launcher has it blocked; either would make the script deaf to the Ctrl-C below."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -59,6 +67,7 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, as a terminal gives it
+        preexec_fn=as_from_a_terminal,
     )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.engine
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 300
+RAY_ADDRESS_FILE = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
 
 
 def as_from_a_terminal() -> None:
@@ -105,7 +106,10 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
         try:
             proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)  # the Ray node's processes are in this group
+            # The script's `ray stop` did not run: without this, later tests' ray.init() would
+            # take the dead node's address file for a running cluster.
+            RAY_ADDRESS_FILE.unlink(missing_ok=True)
             raise
     assert not listening(port), log.read_text()[-3000:]
     assert not listening(metrics_port), "the Ray node is still up"

@@ -98,11 +98,10 @@ def make_stat_logger_factory(load: SchedulerLoad, max_loras: int):
     return SchedulerLoadRecorder
 
 
-def vllm_cli_args(cfg: EngineConfig) -> list[str]:
-    """Our engine config as `vllm serve` flags, so vLLM's own parser fills every default."""
-    args = {
-        "model": resolve_model_path(cfg.model),
-        "served_model_name": cfg.served_model_name,
+def vllm_engine_args(cfg: EngineConfig) -> dict[str, Any]:
+    """Our engine config as vLLM engine arguments (AsyncEngineArgs field names), model and
+    served name excluded: what every system given "the same engine settings" gets."""
+    return {
         "dtype": cfg.dtype,
         "enable_lora": True,
         "max_loras": cfg.max_loras,
@@ -115,6 +114,15 @@ def vllm_cli_args(cfg: EngineConfig) -> list[str]:
         "enforce_eager": cfg.enforce_eager,
         "seed": cfg.seed,
         **cfg.extra_args,
+    }
+
+
+def vllm_cli_args(cfg: EngineConfig) -> list[str]:
+    """Our engine config as `vllm serve` flags, so vLLM's own parser fills every default."""
+    args = {
+        "model": resolve_model_path(cfg.model),
+        "served_model_name": cfg.served_model_name,
+        **vllm_engine_args(cfg),
     }
     flags = []
     for key, value in args.items():

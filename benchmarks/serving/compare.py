@@ -41,7 +41,7 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.serving.ray_llm_server import bench_adapters
+from benchmarks.serving.ray_llm_server import bench_adapters, engine_config
 
 ROOT = Path(__file__).resolve().parents[2]
 METRICS = (
@@ -59,17 +59,10 @@ def app_config() -> dict:
     return yaml.safe_load((ROOT / "serve_config.yaml").read_text())
 
 
-def engine_cfg():
-    from app.config import AppConfig
-
-    args = app_config()["applications"][0]["args"]
-    return AppConfig.from_args({**args, "tenants_file": str(ROOT / args["tenants_file"])}).engine
-
-
 def engine_flags() -> list[str]:
     from app.engine import vllm_cli_args
 
-    return vllm_cli_args(engine_cfg())
+    return vllm_cli_args(engine_config())
 
 
 def client_port(system: str, port: int) -> int:
@@ -79,7 +72,7 @@ def client_port(system: str, port: int) -> int:
 
 def model_names(system: str) -> tuple[str, list[str]]:
     """The base model's name and the bench adapters' names as `system` serves them."""
-    base = engine_cfg().served_model_name
+    base = engine_config().served_model_name
     adapters = list(bench_adapters(MAX_ADAPTERS))
     if system == "ray-llm":  # Ray Serve LLM's LoRA model ids: <base model id>:<adapter>
         adapters = [f"{base}:{a}" for a in adapters]

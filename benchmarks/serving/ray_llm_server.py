@@ -7,7 +7,7 @@ Ray 2.60 loads LoRA adapters only from cloud storage (S3/GCS/Azure), so this sta
 S3-compatible server (moto's) on 127.0.0.1, uploads the adapters there as
 `s3://adapters/<name>/`, and points Ray Serve LLM at it; clients ask for `<base>:<name>`
 (Ray Serve LLM's LoRA model ids). The engine gets serve_config.yaml's engine settings
-(`engine_kwargs` of the same fields as `app.engine.vllm_cli_args`), and vLLM loads this project's
+(`app.engine.vllm_engine_args`, the fields the app's own engine gets), and vLLM loads this project's
 plugin itself, as in our own engine. Runs until SIGINT/SIGTERM. Needs `pyarrow` and
 `smart_open` (Ray Serve LLM's storage access): `pip install -e '.[bench]'`.
 """
@@ -42,24 +42,6 @@ def engine_config():
     return AppConfig.from_args({**args, "tenants_file": str(ROOT / args["tenants_file"])}).engine
 
 
-def engine_kwargs(cfg) -> dict:
-    """The engine flags our app gives vLLM (app.engine.vllm_cli_args), as AsyncEngineArgs."""
-    return {
-        "dtype": cfg.dtype,
-        "enable_lora": True,
-        "max_loras": cfg.max_loras,
-        "max_cpu_loras": cfg.max_cpu_loras,
-        "max_lora_rank": cfg.max_lora_rank,
-        "max_model_len": cfg.max_model_len,
-        "max_num_seqs": cfg.max_num_seqs,
-        "gpu_memory_utilization": cfg.gpu_memory_utilization,
-        "tensor_parallel_size": cfg.tensor_parallel_size,
-        "enforce_eager": cfg.enforce_eager,
-        "seed": cfg.seed,
-        **cfg.extra_args,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8102)
@@ -73,6 +55,7 @@ def main() -> None:
     from ray.serve.llm import LLMConfig, build_openai_app
 
     from app.builtin_model import ensure_builtin_model
+    from app.engine import vllm_engine_args
     from app.model_files import resolve_model_path
     from tests.object_store import s3_server, upload_directory
 
@@ -102,7 +85,7 @@ def main() -> None:
                     "dynamic_lora_loading_path": f"s3://{BUCKET}",
                     "max_num_adapters_per_replica": cfg.max_cpu_loras,
                 },
-                engine_kwargs=engine_kwargs(cfg),
+                engine_kwargs=vllm_engine_args(cfg),
                 deployment_config={
                     "num_replicas": 1,
                     "max_ongoing_requests": args.max_ongoing_requests,

@@ -82,6 +82,54 @@ from kernels.triton_util import (
 )
 
 # --------------------------------------------------------------------------------------------
+# Route and pointer helpers shared by the tile kernels and the decode kernel (inlined by Triton)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_offset(slot, expert, stride_s, stride_e):
+    """Element offset (int64) of the (slot, expert) block of a [S, E, ...] weight tensor."""
+    return slot.to(tl.int64) * stride_s + expert.to(tl.int64) * stride_e
+
+
+@triton.jit
+def _slice_ptr(p0, p1, sl, NUM_SLICES: tl.constexpr):
+    """Base pointer of slice sl (w13: 0 = gate, 1 = up) of a one- or two-slice launch."""
+    p = p0
+    if NUM_SLICES == 2:
+        p = tl.where(sl == 0, p0, p1)
+    return p
+
+
+@triton.jit
+def _act_row(pairs, TOPK: tl.constexpr, IS_W2: tl.constexpr):
+    """Activation row (int64) of pairs: x[pair // TOPK] for w13, h[pair] for w2."""
+    if IS_W2:
+        row = pairs.to(tl.int64)
+    else:
+        row = (pairs // TOPK).to(tl.int64)
+    return row
+
+
+@triton.jit
+def _out_row_ptr(out_ptr, pairs, stride_om, stride_ok, TOPK: tl.constexpr):
+    """Pointer to out[pair // TOPK, pair % TOPK, 0] (column 0 of the pair's output row)."""
+    m = pairs // TOPK
+    kk = pairs % TOPK
+    return out_ptr + m.to(tl.int64) * stride_om + kk.to(tl.int64) * stride_ok
+
+
+@triton.jit
+def _guess_route(topk_ptr, slots_ptr, pair, num_slots, TOPK: tl.constexpr, E: tl.constexpr):
+    """(slot, expert) of a pair as it reads BEFORE the PDL wait, clamped to valid addresses:
+    a speculative read (the previous kernel may still write it), for loads that do not depend
+    on it being right (L2 prefetch hints; the decode kernel's early route re-checks it)."""
+    slot = tl.minimum(tl.maximum(tl.load(slots_ptr + pair // TOPK), 0), num_slots - 1)
+    expert = tl.minimum(tl.maximum(tl.load(topk_ptr + pair), 0), E - 1)
+    return slot, expert
+
+
+# --------------------------------------------------------------------------------------------
 # Tile kernels: shrink, then expand
 # --------------------------------------------------------------------------------------------
 
@@ -201,17 +249,14 @@ def _tile_shrink_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     r_mask = offs_r < R
-    if IS_W2:
-        x_rows = pairs.to(tl.int64)
-    else:
-        x_rows = (pairs // TOPK).to(tl.int64)
+    x_rows = _act_row(pairs, TOPK, IS_W2)
     # k_per_split is a multiple of BLOCK_K (host guarantees it); say so, or the loads below
     # lose 16-byte vectorisation and software pipelining.
     k_lo = tl.multiple_of(ks * k_per_split, BLOCK_K)
     k_hi = tl.minimum(k_lo + k_per_split, K)
 
     x_ptrs = x_ptr + x_rows[:, None] * stride_xm + (k_lo + offs_k)[None, :]
-    a_off = slot.to(tl.int64) * sa_s + expert.to(tl.int64) * sa_e
+    a_off = _block_offset(slot, expert, sa_s, sa_e)
     # A is [R, K] (K contiguous); load it as a [BLOCK_K, BLOCK_R] operand.
     a_tile = (k_lo + offs_k)[:, None] * sa_k + offs_r[None, :] * sa_r
     a0_ptrs = a0_ptr + a_off + a_tile
@@ -343,10 +388,8 @@ def _tile_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_n0 = tl.arange(0, BLOCK_N)
     r_mask = offs_r < R
-    m = pairs // TOPK
-    kk = pairs % TOPK
-    out_rows = out_ptr + m.to(tl.int64) * stride_om + kk.to(tl.int64) * stride_ok
-    b_off = slot.to(tl.int64) * sb_s + expert.to(tl.int64) * sb_e
+    out_rows = _out_row_ptr(out_ptr, pairs, stride_om, stride_ok, TOPK)
+    b_off = _block_offset(slot, expert, sb_s, sb_e)
     # Column tiles [t_lo, t_hi) of this program. Bounds, not an `if` in the body: loads under
     # a branch are not software-pipelined.
     t_lo = chunk * tiles_per_prog
@@ -598,34 +641,23 @@ def _decode_kernel(
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     r_mask = offs_r < R
     n_mask = offs_n < N
+    a_sl = _slice_ptr(a0_ptr, a1_ptr, sl, NUM_SLICES)
+    b_sl = _slice_ptr(b0_ptr, b1_ptr, sl, NUM_SLICES)
     if L2_PREFETCH:
-        s0 = tl.minimum(tl.maximum(tl.load(slots_ptr + pair // TOPK), 0), num_slots - 1)
-        e0 = tl.minimum(tl.maximum(tl.load(topk_ptr + pair), 0), E - 1)
-        if NUM_SLICES == 2:
-            ap = tl.where(sl == 0, a0_ptr, a1_ptr)
-            bp = tl.where(sl == 0, b0_ptr, b1_ptr)
-        else:
-            ap = a0_ptr
-            bp = b0_ptr
+        s0, e0 = _guess_route(topk_ptr, slots_ptr, pair, num_slots, TOPK, E)
         # One address per 128-byte line of A's rows (K contiguous), one per row of B.
         lines = tl.minimum(tl.arange(0, PF_LINES) * 64, K - 1)
         rows = tl.minimum(offs_r, R - 1)
-        a_pf = ap + (s0.to(tl.int64) * sa_s + e0.to(tl.int64) * sa_e)
+        a_pf = a_sl + _block_offset(s0, e0, sa_s, sa_e)
         _l2_prefetch(a_pf + rows[:, None] * sa_r + lines[None, :] * sa_k, True)
-        b_pf = bp + (s0.to(tl.int64) * sb_s + e0.to(tl.int64) * sb_e)
+        b_pf = b_sl + _block_offset(s0, e0, sb_s, sb_e)
         _l2_prefetch(b_pf + tl.minimum(offs_n, N - 1) * sb_n, True)
-    m = pair // TOPK
-    kk = pair % TOPK
-    if IS_W2:
-        row = pair.to(tl.int64)
-    else:
-        row = m.to(tl.int64)
+    row = _act_row(pair, TOPK, IS_W2)
     if EARLY_ROUTE:
         # Speculative: the route as it reads now (clamped to valid addresses), and this
         # program's whole A block and B columns loaded into registers BEFORE the wait (weights
         # are never written by a kernel). Re-checked after the wait below.
-        s_sp = tl.minimum(tl.maximum(tl.load(slots_ptr + m), 0), num_slots - 1)
-        e_sp = tl.minimum(tl.maximum(tl.load(topk_ptr + pair), 0), E - 1)
+        s_sp, e_sp = _guess_route(topk_ptr, slots_ptr, pair, num_slots, TOPK, E)
         if SPEC_TEST:  # test hook: a wrong guess, so the re-load path runs
             e_sp = (e_sp + 1) % E
         kfull = tl.arange(0, K_PAD)
@@ -633,41 +665,20 @@ def _decode_kernel(
         b_mask = n_mask[:, None] & r_mask[None, :]
         a_tile = offs_r[:, None] * sa_r + kfull[None, :] * sa_k
         b_tile = offs_n[:, None] * sb_n + offs_r[None, :] * sb_r
-        if NUM_SLICES == 2:
-            a_sp = tl.where(sl == 0, a0_ptr, a1_ptr)
-            b_sp = tl.where(sl == 0, b0_ptr, b1_ptr)
-        else:
-            a_sp = a0_ptr
-            b_sp = b0_ptr
         a_full = tl.load(
-            a_sp + (s_sp.to(tl.int64) * sa_s + e_sp.to(tl.int64) * sa_e) + a_tile,
-            mask=a_mask,
-            other=0.0,
+            a_sl + _block_offset(s_sp, e_sp, sa_s, sa_e) + a_tile, mask=a_mask, other=0.0
         )
-        b = tl.load(
-            b_sp + (s_sp.to(tl.int64) * sb_s + e_sp.to(tl.int64) * sb_e) + b_tile,
-            mask=b_mask,
-            other=0.0,
-        )
+        b = tl.load(b_sl + _block_offset(s_sp, e_sp, sb_s, sb_e) + b_tile, mask=b_mask, other=0.0)
     pdl_wait(PDL)
     slot, expert, active = pair_route(
         topk_ptr, slots_ptr, enabled_ptr, pair, num_slots, TOPK, E, HAS_ENABLED
     )
     if not active:
         return
-    a_off = slot.to(tl.int64) * sa_s + expert.to(tl.int64) * sa_e
-    b_off = slot.to(tl.int64) * sb_s + expert.to(tl.int64) * sb_e
-    if NUM_SLICES == 2:
-        a_base = tl.where(sl == 0, a0_ptr, a1_ptr) + a_off
-        b_base = tl.where(sl == 0, b0_ptr, b1_ptr) + b_off
-    else:
-        a_base = a0_ptr + a_off
-        b_base = b0_ptr + b_off
-    o_ptrs = (
-        out_ptr
-        + m.to(tl.int64) * stride_om
-        + kk.to(tl.int64) * stride_ok
-        + (out_col0 + sl * N + offs_n) * stride_on
+    a_base = a_sl + _block_offset(slot, expert, sa_s, sa_e)
+    b_base = b_sl + _block_offset(slot, expert, sb_s, sb_e)
+    o_ptrs = _out_row_ptr(out_ptr, pair, stride_om, stride_ok, TOPK) + (
+        (out_col0 + sl * N + offs_n) * stride_on
     )
     x_row = x_ptr + row * stride_xm
     if EARLY_ROUTE:

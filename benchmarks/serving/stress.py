@@ -414,13 +414,16 @@ def start_server(target: Target, args: argparse.Namespace, log: Path) -> subproc
     cmd += ["--ingress-replicas", str(target.ingress_replicas)]
     cmd += ["--token-link", "on" if target.token_link else "off"]
     cmd += ["--ttft-ms", str(args.ttft_ms), "--tpot-ms", str(args.tpot_ms)]
-    if target.name in ("app-direct", "app-haproxy"):
+    if target.name == "app-direct":
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
         env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(DIRECT_PORT)
         env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] = str(DIRECT_PORT + 100)
-        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     if target.name == "app-haproxy":
+        # The replicas' ports are Ray's default range (30000-31000): HAProxy learns whichever
+        # one a replica got, so a port still in TIME_WAIT from a previous target costs nothing.
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    if target.name in ("app-direct", "app-haproxy"):
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 

@@ -1,6 +1,9 @@
 """The README's first command, as a user runs it: `scripts/serve.sh` starts a Ray node and
 `serve run` of the config; `/ready` turns 200; a demo tenant streams with the official openai
-client; Ctrl-C (SIGINT to the script's process group) stops the app and the Ray node.
+client and a bad key gets its OpenAI-style 401 through the HTTP front; Ctrl-C (SIGINT to the
+script's process group) stops the app, the front and the Ray node. Twice: with the script's
+default front (HAProxy in front of the ingress replicas' own HTTP servers) and with Ray's Python
+proxy (RAY_SERVE_ENABLE_HA_PROXY=0).
 
 Its own package: no other Ray may run beside it (the script's `ray stop` stops every Ray process
 on the machine, as Ray's CLI does), and pytest runs packages one after the other."""
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -42,9 +46,20 @@ def listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.parametrize("direct_ingress", [False, True], ids=["proxy", "direct-ingress"])
+def haproxy_in_session(session: int) -> bool:
+    """Whether an HAProxy process runs in the script's session (the Ray node's processes are)."""
+    for p in psutil.process_iter(["name"]):
+        try:
+            if p.info["name"] == "haproxy" and os.getsid(p.pid) == session:
+                return True
+        except (ProcessLookupError, PermissionError):
+            pass
+    return False
+
+
+@pytest.mark.parametrize("haproxy", [True, False], ids=["haproxy", "python-proxy"])
 def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
-    builtin, tmp_path, direct_ingress
+    builtin, tmp_path, haproxy
 ):
     port, metrics_port = free_port(), free_port()
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
@@ -53,14 +68,9 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
     path.write_text(yaml.safe_dump(config))
     log = tmp_path / "serve.log"
     env = {**os.environ, "METRICS_PORT": str(metrics_port)}
-    if direct_ingress:  # the README's opt-in: the ingress replica on a port of its own
-        port = free_port()
-        env.update(
-            RAY_SERVE_ENABLE_DIRECT_INGRESS="1",
-            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
-            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT="65535",  # Ray's default ends at 31000
-            RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="1",
-        )
+    env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
+    if not haproxy:  # the README's opt-out
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "0"
     proc = subprocess.Popen(
         ["bash", "scripts/serve.sh", str(path)],
         cwd=ROOT,
@@ -83,6 +93,7 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
             time.sleep(2)
         assert ready is not None and ready.status_code == 200, log.read_text()[-3000:]
         assert ready.headers.get("x-request-id")
+        assert haproxy_in_session(proc.pid) == haproxy, log.read_text()[-3000:]
 
         tenant = DEMO_TENANTS[0]
         client = openai.OpenAI(
@@ -99,6 +110,11 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
         assert chunks and chunks[-1].choices[0].finish_reason == "length"
         assert all(c.model == tenant.adapter for c in chunks)
         assert "".join(c.choices[0].delta.content or "" for c in chunks)
+        with pytest.raises(openai.AuthenticationError) as denied:
+            openai.OpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0
+            ).models.list()
+        assert denied.value.body["type"] == "AuthenticationError", denied.value.body
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
         assert metrics.status_code == 200
     finally:
@@ -112,4 +128,5 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
             RAY_ADDRESS_FILE.unlink(missing_ok=True)
             raise
     assert not listening(port), log.read_text()[-3000:]
+    assert not haproxy_in_session(proc.pid), "HAProxy outlived the app"
     assert not listening(metrics_port), "the Ray node is still up"

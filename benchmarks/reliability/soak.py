@@ -7,8 +7,8 @@ Starts the app from serve_config.yaml (built-in model, 1 engine replica) in a lo
 streaming chat completions at a steady Poisson rate from the four demo tenants (base model, own
 adapter, shared adapter; prompts of varying length), and every `--sample-s` seconds records
 RSS and open file descriptors of each process of the app: Ray Serve's controller and proxy (and
-HAProxy and its manager actor in HAProxy mode), the
-ingress and engine replicas, and vLLM's EngineCore under each engine. At the end it fits a line
+HAProxy and its manager actor in HAProxy mode), the ingress and engine replicas, and vLLM's
+EngineCore under each engine. At the end it fits a line
 to each process's RSS and open files over the part after warm-up and prints a table; the run
 passes when every request succeeded and no process grows: RSS slope over the second half of the
 run below `--max-rss-mb-per-min` (the first half is warm-up: caches and allocator arenas fill for

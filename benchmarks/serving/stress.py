@@ -404,8 +404,12 @@ class Target:
 
     @property
     def port(self) -> int:
-        ports = {"app": PROXY_PORT, "app-haproxy": PROXY_PORT, "app-direct": DIRECT_PORT}
-        return ports.get(self.name, PLAIN_PORT)
+        return {
+            "app": PROXY_PORT,
+            "app-haproxy": PROXY_PORT,  # HAProxy takes the proxy's port
+            "app-direct": DIRECT_PORT,
+            "plain": PLAIN_PORT,
+        }[self.name]
 
 
 def start_server(target: Target, args: argparse.Namespace, log: Path) -> subprocess.Popen:

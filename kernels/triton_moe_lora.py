@@ -798,7 +798,11 @@ def _launch_tiles(
     few_long_tiles = rank <= cfg["waves_big_max_rank"] or bm <= 16
     if not naive and p >= cfg["waves_big_min_pairs"] and few_long_tiles:
         waves = cfg["waves_big"]
+    # Round seven: small batches (decode) split K and N finer, so more loads are in flight.
+    if p <= cfg["waves_small_max_pairs"]:
+        waves = cfg["waves_small"]
     target = (opts.waves or waves) * call.sms
+    ksplit_max = opts.ksplit_max or cfg["ksplit_max"]
     sc, ec = tile_config(bm, rank, k_dim)
     # Round four: 32-row tiles of small batches and rank <= 16 expand in 128 columns when N has
     # no partial column tile (measured better in both methods only there; docs/kernels.md).
@@ -814,7 +818,7 @@ def _launch_tiles(
     ec.update(opts.expand or {})
     block_k = sc["BLOCK_K"]
     k_steps = triton.cdiv(k_dim, block_k)
-    ksplit = max(1, min(k_steps, triton.cdiv(target, live), 16))
+    ksplit = max(1, min(k_steps, triton.cdiv(target, live), ksplit_max))
     k_per = triton.cdiv(k_steps, ksplit) * block_k
     ksplit = triton.cdiv(k_dim, k_per)
     n_tiles = triton.cdiv(n_dim, ec["BLOCK_N"])

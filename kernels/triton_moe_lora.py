@@ -798,10 +798,16 @@ def _launch_tiles(
     few_long_tiles = rank <= cfg["waves_big_max_rank"] or bm <= 16
     if not naive and p >= cfg["waves_big_min_pairs"] and few_long_tiles:
         waves = cfg["waves_big"]
-    # Round seven: small batches (decode) split K and N finer, so more loads are in flight.
+    # Round seven: small batches (decode) may take other split targets, the expand's N split
+    # its own (fewer column tiles per expand program, the K split unchanged).
+    expand_waves = None
     if p <= cfg["waves_small_max_pairs"]:
         waves = cfg["waves_small"]
+        expand_waves = cfg["expand_waves_small"]
     target = (opts.waves or waves) * call.sms
+    n_target = target
+    if opts.expand_waves or expand_waves:
+        n_target = (opts.expand_waves or expand_waves) * call.sms
     ksplit_max = opts.ksplit_max or cfg["ksplit_max"]
     sc, ec = tile_config(bm, rank, k_dim)
     # Round four: 32-row tiles of small batches and rank <= 16 expand in 128 columns when N has
@@ -822,7 +828,7 @@ def _launch_tiles(
     k_per = triton.cdiv(k_steps, ksplit) * block_k
     ksplit = triton.cdiv(k_dim, k_per)
     n_tiles = triton.cdiv(n_dim, ec["BLOCK_N"])
-    nsplit = max(1, min(n_tiles, triton.cdiv(target, live)))
+    nsplit = max(1, min(n_tiles, triton.cdiv(n_target, live)))
     per = triton.cdiv(n_tiles, nsplit)
     nsplit = triton.cdiv(n_tiles, per)
 

@@ -39,6 +39,7 @@ class LaunchOptions:
     prefetch: bool | None = None  # tile expand: load the next B/out tiles one step ahead
     waves: int | None = None  # programs per launch, in multiples of the SM count
     ksplit_max: int | None = None  # tile shrink: at most this many K splits (plan: ksplit_max)
+    expand_waves: int | None = None  # tile expand: N-split target in SM multiples (else waves)
     unroll_ksplit: bool | None = None  # tile expand: sum the K-split partials unrolled
     shrink: dict | None = None  # merged into tile_config's shrink block sizes
     expand: dict | None = None  # merged into tile_config's expand block sizes

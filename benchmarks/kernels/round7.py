@@ -16,6 +16,10 @@ and the split factors of the tile path at M <= 16, in one call.
           (ksplit_max 64), shrink BLOCK_K 64 / two stages for rank 64, the naive tiles where
           the plan groups, and the tile path with more waves where the plan takes the decode kernel.
           The plan is timed twice (first and last), for the noise.
+  splits2 (second call) the expand's N split on its own (expand_waves 4 / 8 / 64, the K
+          split as planned; 64 = one column tile per program), expand BLOCK_N 64 for rank 16,
+          and the tile path with those splits where the plan takes the decode kernel; M = 4
+          and 16, all 32 cells.
 Writes DIR/round7_probe.json; prints a table per part.
 """
 
@@ -167,6 +171,29 @@ def split_variants(model, rank, n_act, m):
     return v
 
 
+def split2_variants(model, rank, n_act, m):
+    """Second call: the expand's N split on its own (expand_waves), the shrink's K split as
+    planned; waves 4 (both) again for the same-run comparison."""
+    v = {"auto": {}}
+    if plan_kind(model, rank, m) == "decode":
+        v["tiles"] = dict(decode=False)
+        v["tiles_e8"] = dict(decode=False, expand_waves=8)
+        v["tiles_e64"] = dict(decode=False, expand_waves=64)
+    else:
+        v["e4"] = dict(expand_waves=4)
+        v["e8"] = dict(expand_waves=8)
+        v["e64"] = dict(expand_waves=64)
+        v["w4"] = dict(waves=4)
+        if rank <= 16:
+            v["e8bn64"] = dict(expand_waves=8, expand=dict(BLOCK_N=64))
+    v["auto2"] = {}
+    return v
+
+
+def split2_cells():
+    return [c for c in split_cells() if c[3] in (4, 16)]
+
+
 def split_cells():
     cells = []
     for model in MODELS:
@@ -190,6 +217,10 @@ def check(gen):
         "tiles_w16": dict(decode=False, waves=16),
         "naive_w8": dict(mode="naive", waves=8),
         "naive_w16k64_nopdl": dict(mode="naive", waves=16, ksplit_max=64, pdl=False),
+        "e8": dict(expand_waves=8),
+        "e64": dict(expand_waves=64),
+        "e8bn64": dict(expand_waves=8, expand=dict(BLOCK_N=64)),
+        "tiles_e64": dict(decode=False, expand_waves=64),
         "auto": {},
     }
     rows = []
@@ -262,16 +293,16 @@ def parts(gen, l2, peak):
     return rows
 
 
-def splits(gen, l2, peak, res, save):
+def splits(gen, l2, peak, res, save, second=False):
     layer, single = res["layer"], res["single"]
     groups = {}
-    for model, rank, n_act, m in split_cells():
+    for model, rank, n_act, m in split2_cells() if second else split_cells():
         key = (model, n_act, rank)
         if key not in groups:
             groups.clear()
             torch.cuda.empty_cache()
             groups[key] = bench.Group(model, n_act, rank, gen)
-        v = split_variants(model, rank, n_act, m)
+        v = (split2_variants if second else split_variants)(model, rank, n_act, m)
         r = bench.time_cell(None, groups[key], m, False, gen, l2, v, peak)
         r["our_path"] = bench.our_path_name(model, rank, m, n_act)
         layer.append(r)
@@ -332,7 +363,7 @@ def rule_summary(rows, title):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--parts", default="check,parts,splits")
+    ap.add_argument("--parts", default="check,splits,parts")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,9 +388,11 @@ def main():
         for r in bad:
             log("  FAIL", r)
         save()
-    if "splits" in which:
+    for part in ("splits", "splits2"):
+        if part not in which:
+            continue
         res["layer"], res["single"] = [], []
-        splits(gen, l2, peak, res, save)
+        splits(gen, l2, peak, res, save, second=part == "splits2")
         log(f"[{time.time() - t0:.0f}s] splits done")
         save()
         res["layer_rules"] = rule_summary(res["layer"], "layer")

@@ -179,6 +179,11 @@ def split2_variants(model, rank, n_act, m):
         v["tiles"] = dict(decode=False)
         v["tiles_e8"] = dict(decode=False, expand_waves=8)
         v["tiles_e64"] = dict(decode=False, expand_waves=64)
+        # the decode kernel's column block: one block per pair and slice (w13 N = 768 in 1024,
+        # w2 2048 in two: A read half as often), or 256 (w13: no masked half block)
+        v["dec_bn1024"] = dict(decode_cfg=dict(BLOCK_N=1024))
+        v["dec_bn1024_w16"] = dict(decode_cfg=dict(BLOCK_N=1024, num_warps=16))
+        v["dec_bn256"] = dict(decode_cfg=dict(BLOCK_N=256))
     else:
         v["e4"] = dict(expand_waves=4)
         v["e8"] = dict(expand_waves=8)
@@ -191,7 +196,7 @@ def split2_variants(model, rank, n_act, m):
 
 
 def split2_cells():
-    return [c for c in split_cells() if c[3] in (4, 16)]
+    return [c for c in split_cells() if c[3] in (4, 16) or plan_kind(c[0], c[1], c[3]) == "decode"]
 
 
 def split_cells():
@@ -221,6 +226,10 @@ def check(gen):
         "e64": dict(expand_waves=64),
         "e8bn64": dict(expand_waves=8, expand=dict(BLOCK_N=64)),
         "tiles_e64": dict(decode=False, expand_waves=64),
+        "dec_bn1024": dict(decode_max_pairs=1 << 30, decode_cfg=dict(BLOCK_N=1024)),
+        "dec_bn1024_w16": dict(
+            decode_max_pairs=1 << 30, decode_cfg=dict(BLOCK_N=1024, num_warps=16)
+        ),
         "auto": {},
     }
     rows = []

@@ -798,16 +798,14 @@ def _launch_tiles(
     few_long_tiles = rank <= cfg["waves_big_max_rank"] or bm <= 16
     if not naive and p >= cfg["waves_big_min_pairs"] and few_long_tiles:
         waves = cfg["waves_big"]
-    # Round seven: small batches (decode) may take other split targets, the expand's N split
-    # its own (fewer column tiles per expand program, the K split unchanged).
-    expand_waves = None
-    if p <= cfg["waves_small_max_pairs"]:
-        waves = cfg["waves_small"]
-        expand_waves = cfg["expand_waves_small"]
     target = (opts.waves or waves) * call.sms
+    # Round seven: naive tiles of small (decode) batches split the expand's N finer than the
+    # shrink's K (fewer column tiles per expand program; more K splits measured slower).
     n_target = target
-    if opts.expand_waves or expand_waves:
-        n_target = (opts.expand_waves or expand_waves) * call.sms
+    if naive and p <= cfg["expand_waves_small_max_pairs"]:
+        n_target = cfg["expand_waves_small"] * call.sms
+    if opts.expand_waves:
+        n_target = opts.expand_waves * call.sms
     ksplit_max = opts.ksplit_max or cfg["ksplit_max"]
     sc, ec = tile_config(bm, rank, k_dim)
     # Round four: 32-row tiles of small batches and rank <= 16 expand in 128 columns when N has
@@ -928,7 +926,7 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
     n_dim = b[0].shape[2]
     m, top_k = topk_ids.shape
     p = m * top_k
-    dc = decode_config(call.cfg, rank, k_dim)
+    dc = decode_config(call.cfg, rank, k_dim, n_dim, p)
     dc.update(call.options.decode_cfg or {})
     prefetch = bool(dc.pop("L2_PREFETCH")) and call.pdl["PDL"]
     pf_lines = triton.next_power_of_2(triton.cdiv(k_dim, 64))

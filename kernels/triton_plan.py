@@ -114,16 +114,27 @@ def use_decode(cfg: dict, num_pairs: int, rank: int, k_dim: int, max_pairs=None)
     return num_pairs <= max_pairs and block_r * k_dim <= cfg["decode_max_a_elems"]
 
 
-def decode_config(cfg: dict, rank: int, k_dim: int) -> dict:
+def decode_config(cfg: dict, rank: int, k_dim: int, n_dim: int = 0, num_pairs: int = 0) -> dict:
     """Block sizes of the decode kernel: BLOCK_N output columns per program, the K reduction
     in BLOCK_K chunks (unrolled), warps, whether to prefetch A/B into L2 before the wait, and
-    whether to load A/B into registers before the wait from a speculative read of the route."""
-    a_elems = pow2_at_least(rank, 16) * k_dim
+    whether to load A/B into registers before the wait from a speculative read of the route.
+
+    Round seven: from decode_wide_n_min_pairs pairs on, a program takes up to
+    decode_block_n_wide columns (all of N rounded up to a power of two, at most that): each
+    column block re-reads its pair's A block, so fewer, wider blocks read A fewer times once
+    the batch fills the GPU (at few pairs the narrower blocks keep more programs in flight)."""
+    block_r = pow2_at_least(rank, 16)
+    a_elems = block_r * k_dim
+    block_n = cfg["decode_block_n"]
+    if num_pairs >= cfg["decode_wide_n_min_pairs"] and n_dim:
+        block_n = max(block_n, min(cfg["decode_block_n_wide"], pow2_at_least(n_dim, 16)))
+    wide = a_elems > cfg["decode_wide_a_elems"] or block_n * block_r > cfg["decode_wide_b_elems"]
     return dict(
-        BLOCK_N=cfg["decode_block_n"],
+        BLOCK_N=block_n,
         BLOCK_K=min(cfg["decode_block_k"], pow2_at_least(k_dim, 16)),
-        # about 128 A elements per thread at most (registers: all of A's loads in flight)
-        num_warps=cfg["decode_warps"] * (2 if a_elems > cfg["decode_wide_a_elems"] else 1),
+        # about 128 A elements per thread at most (registers: all of A's loads in flight), and
+        # twice the warps for a wide B block
+        num_warps=cfg["decode_warps"] * (2 if wide else 1),
         L2_PREFETCH=bool(cfg["decode_l2_prefetch"]),
         EARLY_ROUTE=bool(cfg["decode_early_route"]),
     )

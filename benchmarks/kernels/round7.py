@@ -20,6 +20,10 @@ and the split factors of the tile path at M <= 16, in one call.
           split as planned; 64 = one column tile per program), expand BLOCK_N 64 for rank 16,
           and the tile path with those splits where the plan takes the decode kernel; M = 4
           and 16, all 32 cells.
+  splits3 (third call) the candidate plan (NEW_PLAN: the expand in 4 waves for naive tiles
+          up to 128 pairs; the decode kernel in column blocks of up to 1024 (or 2048) from 64
+          pairs) against the shipped plan, plan keys overridden per variant; the decode kernel
+          with those blocks at M = 32 / 64 too; skewed routing at M = 16.
 Writes DIR/round7_probe.json; prints a table per part.
 """
 
@@ -106,8 +110,24 @@ def patched(part):
             setattr(ours, k, REAL[k])
 
 
+# Plan keys overridden for one variant ("cfg" in its options): the plan of a candidate rule
+# timed beside the shipped one on the same inputs (host-side decisions happen at capture).
+CFG_OVERRIDE: dict = {}
+_REAL_PLAN_CONFIG = ours.plan_config
+
+
+def _plan_config(name):
+    cfg = _REAL_PLAN_CONFIG(name)
+    return {**cfg, **CFG_OVERRIDE} if CFG_OVERRIDE else cfg
+
+
+ours.plan_config = _plan_config
+
+
 def _opts(opts):
-    return LaunchOptions(**{k: v for k, v in opts.items() if k not in ("path", "part")})
+    CFG_OVERRIDE.clear()
+    CFG_OVERRIDE.update(opts.get("cfg", {}))
+    return LaunchOptions(**{k: v for k, v in opts.items() if k not in ("path", "part", "cfg")})
 
 
 def run_parts(opts, o13, o2, x, hh, topk_ids, slots, topk_w, w, enabled, num_slots, experts):
@@ -195,6 +215,45 @@ def split2_variants(model, rank, n_act, m):
     return v
 
 
+NEW_PLAN = dict(
+    expand_waves_small=4,
+    expand_waves_small_max_pairs=128,
+    decode_wide_n_min_pairs=64,
+    decode_block_n_wide=1024,
+)
+
+
+def split3_variants(model, rank, n_act, m):
+    """Third call: the candidate plan (NEW_PLAN) against the shipped one, same inputs."""
+    v = {"auto": {}, "new": dict(cfg=NEW_PLAN)}
+    if plan_kind(model, rank, 1) == "decode":  # Qwen3 rank 16: the decode kernel's rule
+        v["new2048"] = dict(cfg={**NEW_PLAN, "decode_block_n_wide": 2048})
+        v["new2048w8"] = dict(
+            cfg={**NEW_PLAN, "decode_block_n_wide": 2048, "decode_wide_b_elems": 1 << 30}
+        )
+        if m >= 32:  # the decode kernel beyond its 128 pairs, with wide column blocks
+            v["new_dec"] = dict(cfg={**NEW_PLAN, "decode_max_pairs": 1024})
+            v["new2048_dec"] = dict(
+                cfg={**NEW_PLAN, "decode_block_n_wide": 2048, "decode_max_pairs": 1024}
+            )
+    v["auto2"] = {}
+    return v
+
+
+def split3_cells():
+    cells = []
+    for model in MODELS:
+        for rank in (16, 64):
+            dec = plan_kind(model, rank, 1) == "decode"
+            for n_act in (1, 4, 8, 32):
+                for m in (4, 8, 16, 32, 64) if dec else (4, 16):
+                    cells.append((model, rank, n_act, m, False))
+            if not dec:
+                cells.append((model, rank, 8, 32, False))
+    cells += [(model, 16, 8, 16, True) for model in MODELS]
+    return cells
+
+
 def split2_cells():
     return [c for c in split_cells() if c[3] in (4, 16) or plan_kind(c[0], c[1], c[3]) == "decode"]
 
@@ -211,7 +270,7 @@ def split_cells():
     return cells
 
 
-def check(gen):
+def check(gen, third=False):
     variants = {
         "w4": dict(waves=4),
         "w8": dict(waves=8),
@@ -230,8 +289,15 @@ def check(gen):
         "dec_bn1024_w16": dict(
             decode_max_pairs=1 << 30, decode_cfg=dict(BLOCK_N=1024, num_warps=16)
         ),
+        "new": dict(cfg=NEW_PLAN),
+        "new2048": dict(cfg={**NEW_PLAN, "decode_block_n_wide": 2048}),
+        "new2048_dec": dict(
+            cfg={**NEW_PLAN, "decode_block_n_wide": 2048, "decode_max_pairs": 1024}
+        ),
         "auto": {},
     }
+    if third:
+        variants = {k: variants[k] for k in ("new", "new2048", "new2048_dec", "auto")}
     rows = []
     for model in MODELS:
         for rank in (16, 64):
@@ -302,22 +368,28 @@ def parts(gen, l2, peak):
     return rows
 
 
-def splits(gen, l2, peak, res, save, second=False):
+def splits(gen, l2, peak, res, save, which="splits"):
     layer, single = res["layer"], res["single"]
     groups = {}
-    for model, rank, n_act, m in split2_cells() if second else split_cells():
+    cells = dict(
+        splits=[(*c, False) for c in split_cells()],
+        splits2=[(*c, False) for c in split2_cells()],
+        splits3=split3_cells(),
+    )[which]
+    variants_of = dict(splits=split_variants, splits2=split2_variants, splits3=split3_variants)
+    for model, rank, n_act, m, skew in cells:
         key = (model, n_act, rank)
         if key not in groups:
             groups.clear()
             torch.cuda.empty_cache()
             groups[key] = bench.Group(model, n_act, rank, gen)
-        v = (split2_variants if second else split_variants)(model, rank, n_act, m)
-        r = bench.time_cell(None, groups[key], m, False, gen, l2, v, peak)
+        v = variants_of[which](model, rank, n_act, m)
+        r = bench.time_cell(None, groups[key], m, skew, gen, l2, v, peak)
         r["our_path"] = bench.our_path_name(model, rank, m, n_act)
         layer.append(r)
         log(f"layer {model} r{rank} a{n_act} M{m} ({r['our_path']}): "
             + " ".join(f"{n} {r[f'ours_{n}_us']:.2f}" for n in v))  # fmt: skip
-        for s in bench.time_single(None, model, rank, n_act, m, False, gen, v):
+        for s in bench.time_single(None, model, rank, n_act, m, skew, gen, v):
             s["our_path"] = r["our_path"]
             single.append(s)
             log(f"single {model} r{rank} a{n_act} M{m} {s['proj']}: "
@@ -338,6 +410,7 @@ def table(rows, title):
         best = min(alts, key=lambda n: r[f"ours_{n}_us"]) if alts else None
         log(
             f"{r['model'][:6]} r{r['rank']} a{r['adapters']} M{r['M']} {r.get('proj', '')} "
+            f"{'skewed ' if r.get('routing') == 'skewed' else ''}"
             f"{r['our_path']} | {r['ours_auto_us']:.2f} / {r['ours_auto2_us']:.2f} | "
             + " ".join(f"{n} {r[f'ours_{n}_us']:.2f} ({r[f'ours_{n}_us'] / plan:.3f})"
                        for n in alts)
@@ -388,8 +461,8 @@ def main():
     def save():
         (out / "round7_probe.json").write_text(json.dumps(res, indent=1, default=str))
 
-    if "check" in which:
-        res["check"] = rows = check(gen)
+    if "check" in which or "check3" in which:
+        res["check"] = rows = check(gen, third="check3" in which)
         bad = [r for r in rows if not r["ok"]]
         worst = max(rows, key=lambda r: max(r["w13_max"], r["w2_max"]))
         log(f"[{time.time() - t0:.0f}s] check: {len(rows) - len(bad)}/{len(rows)} ok, worst "
@@ -397,11 +470,11 @@ def main():
         for r in bad:
             log("  FAIL", r)
         save()
-    for part in ("splits", "splits2"):
+    for part in ("splits", "splits2", "splits3"):
         if part not in which:
             continue
         res["layer"], res["single"] = [], []
-        splits(gen, l2, peak, res, save, second=part == "splits2")
+        splits(gen, l2, peak, res, save, part)
         log(f"[{time.time() - t0:.0f}s] splits done")
         save()
         res["layer_rules"] = rule_summary(res["layer"], "layer")

@@ -802,7 +802,10 @@ def _launch_tiles(
     # Round seven: naive tiles of small (decode) batches split the expand's N finer than the
     # shrink's K (fewer column tiles per expand program; more K splits measured slower).
     n_target = target
-    if naive and p <= cfg["expand_waves_small_max_pairs"]:
+    small_max = cfg["expand_waves_small_max_pairs"]
+    if rank >= 64:
+        small_max = max(small_max, cfg["expand_waves_small_r64_max_pairs"])
+    if naive and p <= small_max:
         n_target = cfg["expand_waves_small"] * call.sms
     if opts.expand_waves:
         n_target = opts.expand_waves * call.sms
@@ -998,7 +1001,14 @@ def _project(
     args = (out, x, topk_ids, w, token_slots, enabled, has_en, lora_a, lora_b, is_w2, out_col0)
     decode = options.decode
     if decode is None:
-        decode = use_decode(call.cfg, p, rank, lora_a[0].shape[3], options.decode_max_pairs)
+        decode = use_decode(
+            call.cfg,
+            p,
+            rank,
+            lora_a[0].shape[3],
+            options.decode_max_pairs,
+            num_slots * num_experts,
+        )
     if decode:  # one launch, no routing needed (w2 routes itself if it takes the tile path)
         _launch_decode(call, *args)
         return routing

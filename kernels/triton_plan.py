@@ -104,13 +104,23 @@ def choose_sorter(cfg: dict, num_pairs: int, num_groups: int) -> str:
     return "count4"
 
 
-def use_decode(cfg: dict, num_pairs: int, rank: int, k_dim: int, max_pairs=None) -> bool:
+def use_decode(
+    cfg: dict, num_pairs: int, rank: int, k_dim: int, max_pairs=None, num_groups=None
+) -> bool:
     """Round five: the one-launch decode kernel (kernels/triton_moe_lora.py, _decode_kernel:
     every column block recomputes its pair's shrink) while the batch is small and a pair's
-    A_i[s, e] block (rank x K, re-read from L2 by each column block) is small."""
+    A_i[s, e] block (rank x K, re-read from L2 by each column block) is small.
+
+    Round seven: also only while pairs rarely share a (slot, expert) block (expected pairs
+    per group <= decode_max_per_group; num_groups = slots x experts): the decode kernel reads
+    a pair's A block once per pair, grouped tiles once per group. A forced max_pairs (tests,
+    benchmarks: "wherever A fits") skips that check."""
     block_r = pow2_at_least(rank, 16)
     if max_pairs is None:
         max_pairs = cfg["decode_max_pairs"]
+        if num_groups is not None:
+            if num_pairs > cfg["decode_max_per_group"] * min(num_pairs, max(1, num_groups)):
+                return False
     return num_pairs <= max_pairs and block_r * k_dim <= cfg["decode_max_a_elems"]
 
 
@@ -144,7 +154,7 @@ def projection_path(
     cfg: dict, num_pairs: int, num_slots: int, num_experts: int, rank: int, k_dim: int
 ) -> str:
     """What the automatic plan runs for one projection with reduction dimension K."""
-    if use_decode(cfg, num_pairs, rank, k_dim):
+    if use_decode(cfg, num_pairs, rank, k_dim, num_groups=num_slots * num_experts):
         return "decode1"
     return plan_name(cfg, num_pairs, num_slots, num_experts, rank)
 

@@ -442,7 +442,7 @@ def our_path_name(model, rank, m, n_act):
     return f"{paths[0]} / {paths[1]}"
 
 
-def decode_variants(model, rank, m):
+def decode_variants(model, rank, n_act, m):
     """Round five: beside the plan, the other side of the decode rule for small batches: the
     tile path forced where the plan takes the one-launch decode kernel ("tiles"), the decode
     kernel (where A fits) where the plan does not ("decode1")."""
@@ -453,13 +453,28 @@ def decode_variants(model, rank, m):
     fits = [use_decode(_cfg(), 1, rank, k) for k in (spec["hidden"], spec["inter"])]
     if not any(fits):
         return {}
-    auto = [use_decode(_cfg(), p, rank, k) for k in (spec["hidden"], spec["inter"])]
+    groups = n_act * spec["experts"]
+    auto = [
+        use_decode(_cfg(), p, rank, k, num_groups=groups) for k in (spec["hidden"], spec["inter"])
+    ]
     if any(auto):
         return {
             "tiles": dict(decode=False),
             "decode1_l2pf": dict(decode_cfg={"L2_PREFETCH": True}),
         }
     return {"decode1": dict(decode_max_pairs=1 << 30)}
+
+
+def r6_plan(model, rank, m):
+    """Round seven: round six's plan forced, where round seven's rules changed it (M <= 64):
+    the expand's N split for 2 waves like the shrink's K split, and the decode kernel up to
+    128 pairs in 512-column blocks with 8 warps."""
+    spec = MODELS[model]
+    p = m * spec["top_k"]
+    dec = all(
+        use_decode(_cfg(), p, rank, k, max_pairs=128) for k in (spec["hidden"], spec["inter"])
+    )
+    return dict(expand_waves=2, decode=dec, decode_cfg=dict(BLOCK_N=512, num_warps=8))
 
 
 def plan_variants(model, rank, n_act, m):
@@ -471,7 +486,9 @@ def plan_variants(model, rank, n_act, m):
     spec = MODELS[model]
     p = m * spec["top_k"]
     path = plan_name(_cfg(), p, n_act, spec["experts"], rank)
-    v = {"auto": {}, **decode_variants(model, rank, m)}
+    v = {"auto": {}, **decode_variants(model, rank, n_act, m)}
+    if m in (4, 16, 64):
+        v["r6plan"] = r6_plan(model, rank, m)
     if not path.startswith("tile-grouped"):
         return v
     forced_sorters = []

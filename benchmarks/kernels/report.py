@@ -41,7 +41,8 @@ def shipped_us(r: dict, cfg: dict | None, ran: dict | None) -> tuple[float, str]
         )
 
         def dec(c):
-            return tuple(use_decode(c, p, r["rank"], k) for k in ks)
+            groups = r["adapters"] * shape.experts
+            return tuple(use_decode(c, p, r["rank"], k, num_groups=groups) for k in ks)
 
         was, now = dec({**cfg, **ran}), dec(cfg)
         if was != now:

@@ -11,8 +11,10 @@ from kernels.triton_plan import (  # noqa: E402
     CONFIG_DIR,
     choose_mode,
     config_file_name,
+    decode_config,
     grouped_block_m,
     plan_config,
+    use_decode,
 )
 
 
@@ -44,3 +46,23 @@ def test_plan_rules_are_rank_aware():
     assert grouped_block_m(cfg, 4096, 32, rank=64) == 64
     assert grouped_block_m(cfg, 4096, 32, rank=16) == 32
     assert grouped_block_m(cfg, 1024, 32, rank=16) == 16
+
+
+def test_decode_rule_and_column_blocks_round_seven():
+    cfg = plan_config("NVIDIA H200")
+    # Qwen3 rank 16 (w13 K = 2048): the decode kernel up to 512 pairs while pairs rarely share
+    # a (slot, expert) group; a forced pair limit skips the group check
+    assert use_decode(cfg, 512, 16, 2048, num_groups=512)
+    assert use_decode(cfg, 256, 16, 2048, num_groups=128)
+    assert not use_decode(cfg, 512, 16, 2048, num_groups=128)
+    assert not use_decode(cfg, 1024, 16, 2048, num_groups=1 << 20)
+    assert use_decode(cfg, 512, 16, 2048, max_pairs=1 << 30, num_groups=128)
+    assert not use_decode(cfg, 8, 64, 2048)  # rank 64: A too big
+    # wide column blocks from decode_wide_n_min_pairs on: w13's N = 768 in one block
+    assert decode_config(cfg, 16, 2048, 768, 32)["BLOCK_N"] == 512
+    assert decode_config(cfg, 16, 2048, 768, 128)["BLOCK_N"] == 1024
+    assert decode_config(cfg, 16, 768, 2048, 128)["BLOCK_N"] == 1024
+    # other GPUs: no decode kernel, the round-six split rule
+    defaults = plan_config(None)
+    assert not use_decode(defaults, 8, 16, 2048)
+    assert defaults["expand_waves_small_max_pairs"] == 0

@@ -41,6 +41,10 @@ PATHS = {
     "decode1-early-route-wrong-guess": LaunchOptions(
         decode_max_pairs=1 << 30, decode_cfg={"EARLY_ROUTE": True, "SPEC_TEST": True}
     ),
+    # round seven: the expand's N split for 4 waves (naive tiles of decode batches), and the
+    # decode kernel in 1024-column blocks (w13's N = 768 in one masked block)
+    "tile-naive-expand-4-waves": LaunchOptions(mode="naive", expand_waves=4),
+    "decode1-block-n-1024": LaunchOptions(decode_max_pairs=1 << 30, decode_cfg={"BLOCK_N": 1024}),
     "auto": LaunchOptions(),
 }
 # model, M, adapters, rank: decode sizes, a grouped size, an odd M

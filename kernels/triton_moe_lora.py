@@ -46,7 +46,9 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
   a program per (pair, slice, column block) computes the pair's whole shrink itself (A re-read
   from L2 by each column block of the pair) and adds B @ t to its columns. It wins only while a
   pair's A block is small (Qwen3 rank 16: 16 x 2048 / 16 x 768) and the batch is small (the
-  plan's decode_* keys; docs/kernels.md, "Round five"); elsewhere the tile path runs.
+  plan's decode_* keys; docs/kernels.md, "Round five"); elsewhere the tile path runs. Round
+  seven: from 64 pairs a column block is up to 1024 wide (A re-read half as often), and the
+  kernel runs up to 512 pairs while pairs rarely share a (slot, expert) block.
 
 * No autotuning at run time: block sizes are rules of the shapes, and the plan thresholds come
   from kernels/configs/ by GPU name (kernels/triton_plan.py).

@@ -84,6 +84,9 @@ class EngineConfig(_Strict):
     # Serve tenants in proportion to their weights (in tokens) when the engine is saturated
     # (app/fair_queue.py); false: first come, first served (vLLM's own order).
     fair_sharing: bool = True
+    # On CPU: run vLLM's EngineCore on the cores vLLM gave its worker, not on the cores left to
+    # the replicas and the HTTP front (app/replica_env.py colocate_engine_core); no effect on GPU.
+    colocate_engine_core: bool = True
     extra_args: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

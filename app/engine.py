@@ -47,7 +47,7 @@ from app.logs import get_logger
 from app.metrics import EngineMetrics
 from app.model_files import resolve_adapter_path, resolve_model_path
 from app.openai_errors import error_body
-from app.replica_env import reset_niceness
+from app.replica_env import colocate_engine_core, reset_niceness
 from app.request_policy import prompt_chars
 from app.token_link import TokenLinks
 from app.usage import UsageConfig, UsageFile, UsageLedger
@@ -208,6 +208,11 @@ class VLLMEngine:
         self._in_flight: Counter[str] = Counter()  # requests per adapter engine name
         self._host_pinned: set[str] = set()  # adapter versions pinned in vLLM's host cache
         self._lineage: dict[str, str] = {}  # loaded adapter version -> its lineage
+        # Adapters in vLLM's host cache, as last asked. Asked again only while something can have
+        # changed it: every ask is an RPC to vLLM's worker, and a CPU worker busy-polls for a
+        # second after each, i.e. forever at one ask per routing-stats period (a core burnt idle).
+        self._cpu_adapters: list[str] = []
+        self._cpu_adapters_stale = True
         self.metrics = None  # EngineMetrics inside a Ray replica
         self.usage = UsageLedger()
         self.token_links = TokenLinks()  # streams' text to the ingress replicas
@@ -248,6 +253,8 @@ class VLLMEngine:
         self.engine = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=stat_loggers
         )
+        if self.cfg.colocate_engine_core:
+            colocate_engine_core()
         state = State()
         await init_app_state(
             self.engine, state, args, supported_tasks=await self.engine.get_supported_tasks()
@@ -283,6 +290,7 @@ class VLLMEngine:
             result = await self.models.load_lora_adapter(
                 LoadLoRAAdapterRequest(lora_name=ref.engine_name, lora_path=str(path))
             )
+            self._cpu_adapters_stale = True
             elapsed = time.monotonic() - t0
             logger.info("adapter %s loaded in %.3fs", ref.engine_name, elapsed)
             if self.metrics:
@@ -329,12 +337,20 @@ class VLLMEngine:
         from vllm.entrypoints.serve.lora.protocol import UnloadLoRAAdapterRequest
 
         await self.models.unload_lora_adapter(UnloadLoRAAdapterRequest(lora_name=name))
+        self._cpu_adapters_stale = True
         self._host_pinned.discard(name)
         logger.info("adapter %s unloaded (replaced by a newer version)", name)
 
     async def cpu_resident_adapters(self) -> list[str]:
-        ids = await self.engine.list_loras()
-        return [n for n, r in self.models.lora_requests.items() if r.lora_int_id in ids]
+        """vLLM's host-cache residents; asked only if an adapter was loaded, unloaded, requested
+        or running since the last ask (vLLM loads and evicts only then)."""
+        running_adapters = any(n and count for n, count in self._in_flight.items())
+        if self._cpu_adapters_stale or running_adapters:
+            self._cpu_adapters_stale = False  # a change during the ask marks it stale again
+            ids = await self.engine.list_loras()
+            lora_requests = self.models.lora_requests.items()
+            self._cpu_adapters = [n for n, r in lora_requests if r.lora_int_id in ids]
+        return list(self._cpu_adapters)
 
     def chat(self, request, context: RequestContext) -> AsyncIterator[ReplyItem]:
         serving = self.serving_chat
@@ -373,6 +389,7 @@ class VLLMEngine:
             wait = time.monotonic() - queued_at
             self.metrics.queue_wait.observe(wait, tags={"tenant": context.tenant})
         self._in_flight[in_flight] += 1
+        self._cpu_adapters_stale |= bool(in_flight)  # vLLM may load it into its host cache
         mark = self.usage.enter()
         used_tokens = None
         tokens: tuple[int | None, int | None] = (None, None)  # prompt, completion (vLLM's)

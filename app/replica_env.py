@@ -9,12 +9,22 @@ Why these exist (measured on the 2-core CPU machine, docs/serving.md):
   * Ray Serve runs user code on a second event loop in another thread by default, so every
     streamed item crosses threads. Our replicas only await (the ingress) or run vLLM's asyncio
     front end (the engine), so they run user code on Serve's own loop.
+  * On CPU, vLLM binds its worker (the model) to some cores and leaves the others to everything
+    else, but not its EngineCore: that process spin-waits (sched_yield) on the worker's reply
+    for a second after every step, so under load it takes most of a "free" core, and the
+    replicas, the HTTP front and Ray's daemons queue behind it. EngineCore and worker take
+    turns (one schedules while the other waits, and back), so the EngineCore is moved onto its
+    workers' cores (`colocate_engine_core`): its spinning then only hands the core back to
+    the worker, and the free cores are free. On the 2-core machine this took the light-load
+    TTFT p90 from ~600 ms to ~60 ms (docs/serving.md).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+import psutil
 
 from app.logs import get_logger
 
@@ -50,3 +60,32 @@ def reset_niceness() -> None:
         logger.info("running at nice %d (not allowed to change it)", current)
     except ProcessLookupError:  # a thread ended meanwhile
         pass
+
+
+ENGINE_CORE_TITLE = "EngineCore"  # vLLM's process titles: VLLM::EngineCore, VLLM::Worker...
+WORKER_TITLE = "Worker"
+
+
+def colocate_engine_core(parent: psutil.Process | None = None) -> list[int]:
+    """Run each vLLM EngineCore started by this process (`parent`) on the union of its workers'
+    cores, when vLLM pinned every worker to fewer cores than the machine has (its CPU backend
+    does; a GPU engine runs its model in the EngineCore or leaves workers unpinned, and is left
+    alone). Every thread is moved (Linux affinity is per thread). Returns the EngineCores moved."""
+    parent = parent or psutil.Process()
+    everywhere = set(range(psutil.cpu_count() or 1))
+    moved = []
+    for core in parent.children():
+        try:
+            if ENGINE_CORE_TITLE not in core.name():
+                continue
+            workers = [w for w in core.children() if WORKER_TITLE in w.name()]
+            cores = set().union(*(w.cpu_affinity() for w in workers)) if workers else set()
+            if not cores or cores >= everywhere:
+                continue
+            for thread in core.threads():
+                os.sched_setaffinity(thread.id, cores)
+            moved.append(core.pid)
+            logger.info("EngineCore %d moved to its workers' cores %s", core.pid, sorted(cores))
+        except (psutil.Error, ProcessLookupError, PermissionError) as exc:
+            logger.info("EngineCore %s left where it is: %r", core.pid, exc)
+    return moved

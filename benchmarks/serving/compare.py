@@ -16,6 +16,9 @@ Systems (each started with the same engine settings, `serve_config.yaml`'s):
               the adapters as --lora-modules: the ceiling
   ray-llm     Ray Serve LLM, `build_openai_app`, adapters from a local S3 server
               (benchmarks/serving/ray_llm_server.py; needs `pip install -e '.[bench]'`)
+Suffixes: `vllm+colocated` / `ray-llm+colocated`: once ready, vLLM's EngineCore is moved onto
+its worker's cores as the app's engine replicas do themselves (app/replica_env.py);
+`app...+spread`: the app with `colocate_engine_core: false` (the EngineCore where vLLM leaves it).
 Adapters: `bench-00`..`bench-15`, distinct LoRA adapters to every engine (the built-in demo
 adapter files, round robin). Scenarios: `--models` (`base`, or a number of active adapters, each
 request picking one at random) x `--loads` (`rate=R`: Poisson arrivals at R requests/s, `inf`
@@ -69,19 +72,19 @@ def engine_flags() -> list[str]:
 
 def client_port(system: str, port: int) -> int:
     """Where the client connects: the ingress replica itself in direct-ingress mode."""
-    return port + 100 if system == "app-direct" else port
+    return port + 100 if system.startswith("app-direct") else port
 
 
 def model_names(system: str) -> tuple[str, list[str]]:
     """The base model's name and the bench adapters' names as `system` serves them."""
     base = engine_config().served_model_name
     adapters = list(bench_adapters(MAX_ADAPTERS))
-    if system == "ray-llm":  # Ray Serve LLM's LoRA model ids: <base model id>:<adapter>
+    if system.startswith("ray-llm"):  # Ray Serve LLM's LoRA model ids: <base model id>:<adapter>
         adapters = [f"{base}:{a}" for a in adapters]
     return base, adapters
 
 
-def app_serve_config(port: int) -> dict:
+def app_serve_config(port: int, colocate: bool = True) -> dict:
     """serve_config.yaml with one bench tenant (no rate limits) owning the bench adapters."""
     cfg = app_config()
     cfg["http_options"].update(port=port, host="127.0.0.1")
@@ -94,14 +97,16 @@ def app_serve_config(port: int) -> dict:
         {"name": name, "path": f"builtin:{demo}", "owner": BENCH_TENANT}
         for name, demo in bench_adapters(MAX_ADAPTERS).items()
     ]
+    args["engine"]["colocate_engine_core"] = colocate
     return cfg
 
 
 def start(system: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    system, _, variant = system.partition("+")
     if system in ("app", "app-direct", "app-haproxy"):
         path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
-        path.write_text(yaml.safe_dump(app_serve_config(port)))
+        path.write_text(yaml.safe_dump(app_serve_config(port, colocate=variant != "spread")))
         if system == "app-direct":
             env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
             env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(client_port(system, port))
@@ -129,6 +134,21 @@ def start(system: str, port: int, log: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own session: stopped as a whole, nothing else touched
     )
+
+
+def colocate_engine_cores(proc: subprocess.Popen) -> int:
+    """For `...+colocated` systems: every vLLM EngineCore of the system's session moved onto
+    its workers' cores, as the app's engine replicas do (app/replica_env.py)."""
+    from app.replica_env import colocate_engine_core
+
+    moved = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                moved += colocate_engine_core(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return len(moved)
 
 
 def wait_ready(port: int, model: str, timeout_s: float = 300) -> float:
@@ -239,6 +259,8 @@ def main() -> None:
         try:
             ready_s = wait_ready(port, adapters[0])
             print(f"{system}: ready after {ready_s:.1f}s (log {log})", flush=True)
+            if system.endswith("+colocated"):
+                print(f"  EngineCores moved: {colocate_engine_cores(proc)}", flush=True)
             for models in args.models.split(","):
                 active = [] if models == "base" else adapters[: int(models)]
                 label = "base" if models == "base" else f"{models} adapter(s)"
@@ -281,7 +303,7 @@ def print_tables(results: dict[str, dict[str, list[dict]]]) -> None:
         for system, med in medians.items():
             cells = " | ".join(f"{med[m]:.1f}" for m in METRICS)
             print(f"| {system} | {cells} | {med['failed']:.0f} |")
-        for reference in ("vllm", "ray-llm"):
+        for reference in ("vllm", "vllm+colocated", "ray-llm", "ray-llm+colocated"):
             if reference not in medians:
                 continue
             for system, med in medians.items():

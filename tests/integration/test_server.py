@@ -268,6 +268,34 @@ def test_adapters_are_listed_as_resident_by_the_engines(server):
     assert set(stats["accelerator_adapters"]) <= expected
 
 
+def test_idle_engines_leave_the_cpu_alone(server):
+    """On CPU, vLLM pins its worker (the model) to a core and the worker busy-polls for a second
+    after each message. Two things keep that off the cores left to everything else: each
+    EngineCore runs on its workers' cores, and an idle replica stops asking vLLM for its
+    host-cache residents every routing-stats period (each ask restarted the spin: a core burnt
+    while idle)."""
+    import psutil
+
+    chat_text("acme", OWN_ADAPTER["acme"], max_tokens=2)
+    cores = [p for p in psutil.process_iter() if "EngineCore" in p.name()]
+    assert len(cores) == 2  # one per engine replica
+    workers = []
+    for core in cores:
+        own = [w for w in core.children() if "Worker" in w.name()]
+        assert own
+        workers += own
+        pinned = set().union(*(w.cpu_affinity() for w in own))
+        assert all(psutil.Process(t.id).cpu_affinity() == sorted(pinned) for t in core.threads())
+    time.sleep(4)  # the last request's spin, one stats period, and the spin of its last ask
+    before = [w.cpu_times() for w in workers]
+    time.sleep(2)
+    busy = [
+        (after.user + after.system) - (b.user + b.system)
+        for b, after in zip(before, (w.cpu_times() for w in workers), strict=True)
+    ]
+    assert max(busy) < 0.4, f"idle workers used {busy} CPU seconds in 2 s"
+
+
 # ---- request ids, access log ----------------------------------------------------------------
 
 

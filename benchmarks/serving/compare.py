@@ -22,8 +22,8 @@ its worker's cores as the app's engine replicas do themselves (app/replica_env.p
 Adapters: `bench-00`..`bench-15`, distinct LoRA adapters to every engine (the built-in demo
 adapter files, round robin). Scenarios: `--models` (`base`, or a number of active adapters, each
 request picking one at random) x `--loads` (`rate=R`: Poisson arrivals at R requests/s, `inf`
-all at once; `conc=C`: at most C in flight); random dataset, 64 prompts, input 64, output 32,
-ignore_eos. Prints one table per scenario (median over runs) with ratios against vllm and
+all at once; `conc=C`: at most C in flight); random dataset, 64 prompts (--prompts), input 64,
+output 32, ignore_eos. Prints one table per scenario (median over runs) with ratios against vllm and
 ray-llm, and writes every run's numbers to --out (JSON).
 """
 
@@ -188,7 +188,9 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def bench(port: int, base: str, adapters: list[str], load: str, seed: int) -> dict:
+def bench(
+    port: int, base: str, adapters: list[str], load: str, seed: int, prompts: int = 64
+) -> dict:
     """One `vllm bench serve` run; `adapters` empty: the base model."""
     from app.builtin_model import ensure_builtin_model
 
@@ -199,7 +201,7 @@ def bench(port: int, base: str, adapters: list[str], load: str, seed: int) -> di
     cmd += ["--base-url", f"http://127.0.0.1:{port}", "--model", base]
     cmd += ["--tokenizer", str(ensure_builtin_model().model)]
     cmd += ["--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "32"]
-    cmd += ["--num-prompts", "64", "--ignore-eos", "--seed", str(seed)]
+    cmd += ["--num-prompts", str(prompts), "--ignore-eos", "--seed", str(seed)]
     if kind == "rate":
         cmd += ["--request-rate", value]
     else:
@@ -246,6 +248,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--models", default="1,base", help="base and/or numbers of adapters")
     parser.add_argument("--loads", default="rate=inf,rate=4", help="rate=R and/or conc=C")
+    parser.add_argument("--prompts", type=int, default=64, help="requests per run")
     parser.add_argument("--out", type=Path, default=Path("/tmp/serving_compare.json"))
     args = parser.parse_args()
     results: dict[str, dict[str, list[dict]]] = {}
@@ -268,7 +271,7 @@ def main() -> None:
                     scenario = f"{label}, {load}"
                     runs = results.setdefault(scenario, {}).setdefault(system, [])
                     for seed in range(args.runs):
-                        runs.append(bench(port, base, active, load, seed))
+                        runs.append(bench(port, base, active, load, seed, args.prompts))
                         print(f"  {scenario} run {seed}: {summary(runs[-1])}", flush=True)
         finally:
             stop(proc)

@@ -1,6 +1,7 @@
 """The README's first command, as a user runs it: `scripts/serve.sh` starts a Ray node and
 `serve run` of the config; `/ready` turns 200; a demo tenant streams with the official openai
-client and a bad key gets its OpenAI-style 401 through the HTTP front; Ctrl-C (SIGINT to the
+client, a client that goes away mid-stream gets its engine request cancelled, and a bad key
+gets its OpenAI-style 401 through the HTTP front; Ctrl-C (SIGINT to the
 script's process group) stops the app, the front and the Ray node. Twice: with the script's
 default front (HAProxy in front of the ingress replicas' own HTTP servers) and with Ray's Python
 proxy (RAY_SERVE_ENABLE_HA_PROXY=0).
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -55,6 +57,36 @@ def haproxy_in_session(session: int) -> bool:
         except (ProcessLookupError, PermissionError):
             pass
     return False
+
+
+def engine_call_line(log: Path, request_id: str, timeout_s: float = 60) -> str:
+    """The engine replica's access-log line for the request (Ray Serve writes one per call when
+    it ends: "CALL chat OK|ERROR|CANCELLED <ms>"; `serve run` forwards replica logs)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if "Engine" in line and request_id in line and "CALL chat" in line:
+                return line
+        time.sleep(0.5)
+    raise AssertionError(f"no engine call logged for {request_id}")
+
+
+def leave_mid_stream(port: int, api_key: str, model: str, request_id: str) -> None:
+    """A stream asked for 800 tokens, read for three chunks, then the connection closed."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": 800,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {api_key}", "x-request-id": request_id}
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as response:
+        assert response.status_code == 200
+        events = (line for line in response.iter_lines() if line.startswith("data: "))
+        for _ in range(3):
+            next(events)
 
 
 @pytest.mark.parametrize("haproxy", [True, False], ids=["haproxy", "python-proxy"])
@@ -99,17 +131,25 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key=tenant.api_key, max_retries=0
         )
+        served = f"served-{uuid.uuid4().hex[:12]}"
         chunks = list(
             client.chat.completions.create(
                 model=tenant.adapter,
                 messages=[{"role": "user", "content": "Where is my order?"}],
                 max_tokens=8,
                 stream=True,
+                extra_headers={"x-request-id": served},
             )
         )
         assert chunks and chunks[-1].choices[0].finish_reason == "length"
         assert all(c.model == tenant.adapter for c in chunks)
         assert "".join(c.choices[0].delta.content or "" for c in chunks)
+        # Through the front, a client gone mid-stream ends the engine's work on it: its call
+        # is cancelled, not run on to the 800 tokens (seconds here) and logged OK.
+        gone = f"gone-{uuid.uuid4().hex[:12]}"
+        leave_mid_stream(port, tenant.api_key, tenant.adapter, gone)
+        assert " CANCELLED " in engine_call_line(log, gone)
+        assert " OK " in engine_call_line(log, served)  # a stream read to its end
         with pytest.raises(openai.AuthenticationError) as denied:
             openai.OpenAI(
                 base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong", max_retries=0

@@ -68,11 +68,11 @@ WORKER_TITLE = "Worker"
 
 def colocate_engine_core(parent: psutil.Process | None = None) -> list[int]:
     """Run each vLLM EngineCore started by this process (`parent`) on the union of its workers'
-    cores, when vLLM pinned every worker to fewer cores than the machine has (its CPU backend
-    does; a GPU engine runs its model in the EngineCore or leaves workers unpinned, and is left
-    alone). Every thread is moved (Linux affinity is per thread). Returns the EngineCores moved."""
+    cores, when vLLM pinned its workers to fewer cores than the EngineCore may use (its CPU
+    backend does; a GPU engine runs its model in the EngineCore or leaves workers unpinned, and
+    is left alone). Every thread is moved (Linux affinity is per thread). Returns the EngineCores
+    moved."""
     parent = parent or psutil.Process()
-    everywhere = set(range(psutil.cpu_count() or 1))
     moved = []
     for core in parent.children():
         try:
@@ -80,7 +80,7 @@ def colocate_engine_core(parent: psutil.Process | None = None) -> list[int]:
                 continue
             workers = [w for w in core.children() if WORKER_TITLE in w.name()]
             cores = set().union(*(w.cpu_affinity() for w in workers)) if workers else set()
-            if not cores or cores >= everywhere:
+            if not cores or cores >= set(core.cpu_affinity()):  # workers not pinned apart
                 continue
             for thread in core.threads():
                 os.sched_setaffinity(thread.id, cores)

@@ -22,21 +22,11 @@ from pathlib import Path
 
 import psutil
 
+from app.replica_env import ENGINE_CORE_TITLE
 from benchmarks.serving import compare
 
 SCENARIOS = (("base", "conc=4"), ("1", "conc=4"), ("base", "rate=inf"), ("1", "rate=inf"))
 ARMS = ("spread", "colocated")
-
-
-def engine_cores(proc) -> list[psutil.Process]:
-    cores = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid and "EngineCore" in p.name():
-                cores.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return cores
 
 
 def place(proc, arm: str) -> None:
@@ -44,9 +34,10 @@ def place(proc, arm: str) -> None:
         compare.colocate_engine_cores(proc)
         return
     everywhere = set(range(psutil.cpu_count()))
-    for core in engine_cores(proc):
-        for thread in core.threads():
-            os.sched_setaffinity(thread.id, everywhere)
+    for p in compare.session_processes(proc):
+        if ENGINE_CORE_TITLE in p.name():
+            for thread in p.threads():
+                os.sched_setaffinity(thread.id, everywhere)
 
 
 def main() -> None:

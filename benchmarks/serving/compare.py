@@ -136,19 +136,24 @@ def start(system: str, port: int, log: Path) -> subprocess.Popen:
     )
 
 
+def session_processes(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The processes of the system's session (it was started in a session of its own)."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == proc.pid:
+                found.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return found
+
+
 def colocate_engine_cores(proc: subprocess.Popen) -> int:
     """For `...+colocated` systems: every vLLM EngineCore of the system's session moved onto
     its workers' cores, as the app's engine replicas do (app/replica_env.py)."""
     from app.replica_env import colocate_engine_core
 
-    moved = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid:
-                moved += colocate_engine_core(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return len(moved)
+    return sum(len(colocate_engine_core(p)) for p in session_processes(proc))
 
 
 def wait_ready(port: int, model: str, timeout_s: float = 300) -> float:
@@ -180,11 +185,10 @@ def stop(proc: subprocess.Popen) -> None:
     except (subprocess.TimeoutExpired, ProcessLookupError):
         pass
     time.sleep(2)
-    for p in psutil.process_iter():
+    for p in session_processes(proc):
         try:
-            if os.getsid(p.pid) == proc.pid:
-                p.kill()
-        except (ProcessLookupError, PermissionError, psutil.Error):
+            p.kill()
+        except psutil.Error:
             pass
 
 

@@ -48,7 +48,11 @@ about bytes and latency, not FLOPs. Measured design history and numbers: docs/ke
   pair's A block is small (Qwen3 rank 16: 16 x 2048 / 16 x 768) and the batch is small (the
   plan's decode_* keys; docs/kernels.md, "Round five"); elsewhere the tile path runs. Round
   seven: from 64 pairs a column block is up to 1024 wide (A re-read half as often), and the
-  kernel runs up to 512 pairs while pairs rarely share a (slot, expert) block.
+  kernel runs up to 512 pairs while pairs rarely share a (slot, expert) block. Round eight: it
+  lets the next kernel launch right after its own wait (TRIGGER), and up to 64 pairs it loads
+  its A block and B columns before its wait (EARLY_ROUTE), so in a chain of decode kernels
+  each one's weight reads overlap the previous one's work; at <= 8 pairs it also runs where
+  A is 16 x 2880 (GPT-OSS rank 16, 16 warps).
 
 * No autotuning at run time: block sizes are rules of the shapes, and the plan thresholds come
   from kernels/configs/ by GPU name (kernels/triton_plan.py).
@@ -69,6 +73,7 @@ from kernels.triton_plan import (
     choose_mode,
     choose_sorter,
     decode_config,
+    early_route_max_a_elems,
     grouped_block_m,
     plan_config,
     tile_config,
@@ -214,16 +219,34 @@ def _tile_shrink_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     EARLY_TRIGGER: tl.constexpr,
+    L2_PREFETCH: tl.constexpr = False,
 ):
     """part[ks, i, row, :] = A_i[s, e][:, K-split ks] @ x_row[K-split ks] for a tile's rows.
 
     The activation rows of the tile are gathered once per K step and shared by both slices.
+    With L2_PREFETCH (naive tiles; round eight) the program asks L2 for its A lines BEFORE
+    waiting for the previous kernel, from a speculative read of its pair's route (a hint: the
+    route is read again after the wait): with a previous kernel that lets this one launch early
+    (TRIGGER below), the A read overlaps that kernel's tail.
     """
+    tile = tl.program_id(0)
+    ks = tl.program_id(1)
+    if L2_PREFETCH:
+        if NAIVE:
+            s0, e0 = _guess_route(topk_ptr, slots_ptr, tile, num_slots, TOPK, E)
+            k0 = ks * k_per_split
+            PF_COLS: tl.constexpr = (BLOCK_K + 63) // 64
+            pf_rows = tl.minimum(tl.arange(0, BLOCK_R), R - 1)
+            pf_cols = tl.arange(0, PF_COLS) * 64
+            pf_off = _block_offset(s0, e0, sa_s, sa_e) + pf_rows[:, None] * sa_r
+            for kk in range(k0, tl.minimum(k0 + k_per_split, K), BLOCK_K):
+                cols = tl.minimum(kk + pf_cols, K - 1)
+                _l2_prefetch(a0_ptr + pf_off + cols[None, :] * sa_k, True)
+                if NUM_SLICES == 2:
+                    _l2_prefetch(a1_ptr + pf_off + cols[None, :] * sa_k, True)
     pdl_wait(PDL)
     if EARLY_TRIGGER:  # the expand's grid fits beside ours: let it prefetch its B/out tiles
         pdl_trigger(PDL)
-    tile = tl.program_id(0)
-    ks = tl.program_id(1)
     if not NAIVE:
         if tile >= tl.load(num_tiles_ptr):
             return
@@ -350,6 +373,7 @@ def _tile_expand_kernel(
     PDL: tl.constexpr,
     PREFETCH: tl.constexpr,
     KSPLIT_UNROLL: tl.constexpr,
+    TRIGGER: tl.constexpr = False,
 ):
     """out[pair, cols] += round(sum_ks part[ks]) @ B_i[s, e]^T over this program's column tiles.
 
@@ -362,6 +386,8 @@ def _tile_expand_kernel(
     chunk = tl.program_id(1)
     if not PREFETCH:
         pdl_wait(PDL)
+        if TRIGGER:  # round eight: the next projection's first kernel may launch now
+            pdl_trigger(PDL)
     if not NAIVE:
         # The tile table was written before the shrink kernel started: safe before the wait.
         if tile >= tl.load(num_tiles_ptr):
@@ -417,6 +443,8 @@ def _tile_expand_kernel(
             BLOCK_N,
         )
         pdl_wait(PDL)
+        if TRIGGER:
+            pdl_trigger(PDL)
 
     # ---- the rank intermediate: sum of the K-split partials, rounded like the torch backend
     rows = (row0 + offs_m).to(tl.int64)
@@ -615,6 +643,7 @@ def _decode_kernel(
     EARLY_ROUTE: tl.constexpr,
     K_PAD: tl.constexpr,
     SPEC_TEST: tl.constexpr,
+    TRIGGER: tl.constexpr = False,
 ):
     """One (pair, slice, column block) per program, the whole projection in ONE launch:
 
@@ -633,6 +662,8 @@ def _decode_kernel(
     (one round trip), and re-loads A and B only if the route changed (the previous kernel
     wrote it): correct whatever the previous kernel did, fast when the route was written
     earlier (vLLM: the router runs before the base GEMM that precedes this kernel).
+    With TRIGGER (round eight) the program lets the next kernel launch right after its own
+    wait, so that kernel's pre-wait loads (its weights) overlap this one's work.
     """
     pid = tl.program_id(0)
     pair = pid // NUM_SLICES
@@ -672,6 +703,17 @@ def _decode_kernel(
         )
         b = tl.load(b_sl + _block_offset(s_sp, e_sp, sb_s, sb_e) + b_tile, mask=b_mask, other=0.0)
     pdl_wait(PDL)
+    if TRIGGER:
+        pdl_trigger(PDL)
+    o_ptrs = _out_row_ptr(out_ptr, pair, stride_om, stride_ok, TOPK) + (
+        (out_col0 + sl * N + offs_n) * stride_on
+    )
+    x_row = x_ptr + row * stride_xm
+    if EARLY_ROUTE:
+        # After the wait: x and out (written by earlier kernels; their addresses do not depend
+        # on the route, so they are issued together with the route's re-read) ...
+        o = tl.load(o_ptrs, mask=n_mask, other=0.0)
+        xv = tl.load(x_row + kfull, mask=kfull < K, other=0.0)
     slot, expert, active = pair_route(
         topk_ptr, slots_ptr, enabled_ptr, pair, num_slots, TOPK, E, HAS_ENABLED
     )
@@ -679,15 +721,9 @@ def _decode_kernel(
         return
     a_base = a_sl + _block_offset(slot, expert, sa_s, sa_e)
     b_base = b_sl + _block_offset(slot, expert, sb_s, sb_e)
-    o_ptrs = _out_row_ptr(out_ptr, pair, stride_om, stride_ok, TOPK) + (
-        (out_col0 + sl * N + offs_n) * stride_on
-    )
-    x_row = x_ptr + row * stride_xm
     if EARLY_ROUTE:
-        # After the wait: x and out (written by earlier kernels), and A / B again only where
-        # the guess was wrong (masked loads: no memory traffic when it was right).
-        o = tl.load(o_ptrs, mask=n_mask, other=0.0)
-        xv = tl.load(x_row + kfull, mask=kfull < K, other=0.0)
+        # ... and A / B again only where the guess was wrong (masked loads: no memory traffic
+        # when it was right).
         wrong = (slot != s_sp) | (expert != e_sp)
         wrong_r = (offs_r * 0 + wrong.to(tl.int32)) != 0
         a_full = tl.load(a_base + a_tile, mask=a_mask & wrong_r[:, None], other=a_full)
@@ -741,6 +777,21 @@ class _Call:
             pdl = device.type == "cuda" and num_pairs <= self.cfg["pdl_max_pairs"]
         self.pdl = dict(PDL=True, launch_pdl=True) if pdl and pdl_supported(index) else {}
         self.pdl.setdefault("PDL", False)
+        # Round eight: a projection's last kernel lets the next kernel launch after its own
+        # wait (tail_trigger_max_pairs); naive shrinks prefetch their A lines before their wait.
+        # (decode_trigger_max_pairs for the decode kernel, tail_trigger_max_pairs for the tile
+        # expand).
+        trigger = options.trigger
+        t_dec, t_tiles = trigger, trigger
+        if trigger is None:
+            t_dec = num_pairs <= self.cfg["decode_trigger_max_pairs"]
+            t_tiles = num_pairs <= self.cfg["tail_trigger_max_pairs"]
+        self.trigger = bool(t_tiles) and self.pdl["PDL"]
+        self.trigger_decode = bool(t_dec) and self.pdl["PDL"]
+        spf = options.shrink_l2_prefetch
+        if spf is None:
+            spf = num_pairs <= self.cfg["shrink_l2_prefetch_max_pairs"]
+        self.shrink_l2_prefetch = bool(spf) and self.pdl["PDL"]
 
 
 def route_pairs(
@@ -884,6 +935,7 @@ def _launch_tiles(
         **sc,
         **pdl,
         EARLY_TRIGGER=early,
+        L2_PREFETCH=naive and call.shrink_l2_prefetch,
     )
     _tile_expand_kernel[(tiles, nsplit)](
         out,
@@ -922,6 +974,8 @@ def _launch_tiles(
         **pdl,
         PREFETCH=prefetch,
         KSPLIT_UNROLL=triton.next_power_of_2(ksplit) if unroll else 0,
+        # the next kernel's waiting programs must fit beside ours (as the shrink's trigger)
+        TRIGGER=call.trigger and tiles * nsplit <= 4 * call.sms,
     )
 
 
@@ -938,8 +992,9 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
     k_pad = triton.next_power_of_2(k_dim)
     block_r = triton.next_power_of_2(max(rank, 16))
     # EARLY_ROUTE holds all of A in registers: only while it is small (plan's limit).
-    early = bool(dc.pop("EARLY_ROUTE")) and block_r * k_pad <= call.cfg["decode_max_a_elems"]
+    early = bool(dc.pop("EARLY_ROUTE")) and block_r * k_pad <= early_route_max_a_elems(call.cfg)
     spec_test = bool(dc.pop("SPEC_TEST", False))
+    trigger = bool(dc.pop("TRIGGER", call.trigger_decode)) and call.pdl["PDL"]
     grid = (p * len(a), triton.cdiv(n_dim, dc["BLOCK_N"]))
     _decode_kernel[grid](
         out,
@@ -974,6 +1029,7 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
         EARLY_ROUTE=early,
         K_PAD=k_pad,
         SPEC_TEST=spec_test,
+        TRIGGER=trigger,
         **dc,
         **call.pdl,
     )

@@ -48,6 +48,11 @@ class LaunchOptions:
     decode: bool | None = None
     decode_max_pairs: int | None = None  # the rule with this pair limit instead of the plan's
     decode_cfg: dict | None = None
+    # Round eight: a projection's last kernel (decode kernel, tile expand) lets the next kernel
+    # launch right after its own wait; naive tile shrinks prefetch their A lines into L2 before
+    # their wait (None = the plan's tail_trigger_max_pairs / shrink_l2_prefetch_max_pairs).
+    trigger: bool | None = None
+    shrink_l2_prefetch: bool | None = None
 
 
 DEFAULT_OPTIONS = LaunchOptions()
@@ -117,11 +122,23 @@ def use_decode(
     benchmarks: "wherever A fits") skips that check."""
     block_r = pow2_at_least(rank, 16)
     if max_pairs is None:
+        # Round eight: at the smallest batches also a larger A (decode_small_*: GPT-OSS rank
+        # 16's 16 x 2880), which the L2 prefetch before the wait reads early (decode_config).
+        if num_pairs <= cfg["decode_small_max_pairs"]:
+            if block_r * k_dim <= cfg["decode_small_max_a_elems"]:
+                return True
         max_pairs = cfg["decode_max_pairs"]
         if num_groups is not None:
             if num_pairs > cfg["decode_max_per_group"] * min(num_pairs, max(1, num_groups)):
                 return False
     return num_pairs <= max_pairs and block_r * k_dim <= cfg["decode_max_a_elems"]
+
+
+def early_route_max_a_elems(cfg: dict) -> int:
+    """Largest A block (rank block x K padded to a power of two) that the decode kernel's early
+    route holds in registers (round eight: decode_early_max_a_elems, 16 warps above
+    decode_wide_a_elems; before, decode_max_a_elems)."""
+    return max(cfg["decode_max_a_elems"], cfg["decode_early_max_a_elems"])
 
 
 def decode_config(cfg: dict, rank: int, k_dim: int, n_dim: int = 0, num_pairs: int = 0) -> dict:
@@ -139,14 +156,20 @@ def decode_config(cfg: dict, rank: int, k_dim: int, n_dim: int = 0, num_pairs: i
     if num_pairs >= cfg["decode_wide_n_min_pairs"] and n_dim:
         block_n = max(block_n, min(cfg["decode_block_n_wide"], pow2_at_least(n_dim, 16)))
     wide = a_elems > cfg["decode_wide_a_elems"] or block_n * block_r > cfg["decode_wide_b_elems"]
+    early_ok = block_r * pow2_at_least(k_dim, 16) <= early_route_max_a_elems(cfg)
     return dict(
         BLOCK_N=block_n,
         BLOCK_K=min(cfg["decode_block_k"], pow2_at_least(k_dim, 16)),
         # about 128 A elements per thread at most (registers: all of A's loads in flight), and
         # twice the warps for a wide B block
         num_warps=cfg["decode_warps"] * (2 if wide else 1),
-        L2_PREFETCH=bool(cfg["decode_l2_prefetch"]),
-        EARLY_ROUTE=bool(cfg["decode_early_route"]),
+        # Round eight: up to decode_early_route_max_pairs the pair's A block and B columns are
+        # loaded into registers before the wait where A fits there (decode_max_a_elems, K
+        # padded to a power of two), else, up to decode_l2_prefetch_max_pairs, asked of L2.
+        L2_PREFETCH=bool(cfg["decode_l2_prefetch"])
+        or (0 < num_pairs <= cfg["decode_l2_prefetch_max_pairs"] and not early_ok),
+        EARLY_ROUTE=bool(cfg["decode_early_route"])
+        or (0 < num_pairs <= cfg["decode_early_route_max_pairs"] and early_ok),
     )
 
 

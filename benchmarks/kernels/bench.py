@@ -80,7 +80,10 @@ def rel_errors(got, want, base):
 
 
 def options_of(opts: dict) -> LaunchOptions:
-    return LaunchOptions(**{k: v for k, v in opts.items() if k != "path"})
+    """LaunchOptions of a variant; its "cfg" (plan keys) overrides the plan for the call."""
+    PLAN_OVERRIDE.clear()
+    PLAN_OVERRIDE.update(opts.get("cfg", {}))
+    return LaunchOptions(**{k: v for k, v in opts.items() if k not in ("path", "cfg")})
 
 
 def run_ours(opts, o13, o2, x, hh, topk_ids, slots, topk_w, w, enabled, num_slots, experts):
@@ -450,7 +453,9 @@ def decode_variants(model, rank, n_act, m):
     p = m * spec["top_k"]
     if m > 64:
         return {}
-    fits = [use_decode(_cfg(), 1, rank, k) for k in (spec["hidden"], spec["inter"])]
+    fits = [
+        use_decode(_cfg(), 1, rank, k, max_pairs=1 << 30) for k in (spec["hidden"], spec["inter"])
+    ]
     if not any(fits):
         return {}
     groups = n_act * spec["experts"]
@@ -465,16 +470,26 @@ def decode_variants(model, rank, n_act, m):
     return {"decode1": dict(decode_max_pairs=1 << 30)}
 
 
-def r6_plan(model, rank, m):
-    """Round seven: round six's plan forced, where round seven's rules changed it (M <= 64):
-    the expand's N split for 2 waves like the shrink's K split, and the decode kernel up to
-    128 pairs in 512-column blocks with 8 warps."""
-    spec = MODELS[model]
-    p = m * spec["top_k"]
-    dec = all(
-        use_decode(_cfg(), p, rank, k, max_pairs=128) for k in (spec["hidden"], spec["inter"])
-    )
-    return dict(expand_waves=2, decode=dec, decode_cfg=dict(BLOCK_N=512, num_warps=8))
+# Round eight: round seven's plan, forced beside the plan by overriding the plan keys this
+# round added (host-side decisions happen when a call is captured, so per variant).
+R7_PLAN_KEYS = dict(
+    decode_trigger_max_pairs=0,
+    decode_early_route_max_pairs=0,
+    decode_l2_prefetch_max_pairs=0,
+    decode_small_max_pairs=0,
+    tail_trigger_max_pairs=0,
+    shrink_l2_prefetch_max_pairs=0,
+)
+PLAN_OVERRIDE: dict = {}
+_REAL_PLAN_CONFIG = ours.plan_config
+
+
+def _plan_config_overridden(name):
+    cfg = _REAL_PLAN_CONFIG(name)
+    return {**cfg, **PLAN_OVERRIDE} if PLAN_OVERRIDE else cfg
+
+
+ours.plan_config = _plan_config_overridden
 
 
 def plan_variants(model, rank, n_act, m):
@@ -487,8 +502,8 @@ def plan_variants(model, rank, n_act, m):
     p = m * spec["top_k"]
     path = plan_name(_cfg(), p, n_act, spec["experts"], rank)
     v = {"auto": {}, **decode_variants(model, rank, n_act, m)}
-    if m in (4, 16, 64):
-        v["r6plan"] = r6_plan(model, rank, m)
+    if m <= 64:
+        v["r7plan"] = dict(cfg=R7_PLAN_KEYS)
     if not path.startswith("tile-grouped"):
         return v
     forced_sorters = []

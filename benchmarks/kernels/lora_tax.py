@@ -141,8 +141,18 @@ def main():
     ap.add_argument(
         "--ours-options", default=None, help='LaunchOptions fields as JSON, e.g. {"decode": false}'
     )
+    ap.add_argument(
+        "--ours-cfg",
+        default=None,
+        help="plan keys overriding the GPU's plan for our op, as JSON; r7plan = round seven's",
+    )
     args = ap.parse_args()
     global OURS_OPTIONS
+    if args.ours_cfg:
+        from benchmarks.kernels import bench  # installs the plan override (bench.PLAN_OVERRIDE)
+
+        cfg = bench.R7_PLAN_KEYS if args.ours_cfg == "r7plan" else json.loads(args.ours_cfg)
+        bench.PLAN_OVERRIDE.update(cfg)
     if args.ours_options:
         from kernels.triton_plan import LaunchOptions
 
@@ -160,6 +170,7 @@ def main():
         vllm_ref=vllm_ops.source(),
         layers_in_graph=LAYERS,
         ours_options=args.ours_options,
+        ours_cfg=args.ours_cfg,
     )
     info["peak_copy_gbps"] = peak = measure_peak_bw()
     log(json.dumps(info))

@@ -6,6 +6,8 @@ and the op replayed in a CUDA graph. Skipped without CUDA.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,6 +47,22 @@ PATHS = {
     # decode kernel in 1024-column blocks (w13's N = 768 in one masked block)
     "tile-naive-expand-4-waves": LaunchOptions(mode="naive", expand_waves=4),
     "decode1-block-n-1024": LaunchOptions(decode_max_pairs=1 << 30, decode_cfg={"BLOCK_N": 1024}),
+    # round eight: the last kernel of a projection lets the next launch after its wait; naive
+    # shrinks prefetch A into L2 before their wait; the decode kernel's pre-wait loads
+    "tile-naive-trigger-shrink-l2-prefetch": LaunchOptions(
+        mode="naive", trigger=True, shrink_l2_prefetch=True
+    ),
+    "decode1-trigger-early-route": LaunchOptions(
+        decode_max_pairs=1 << 30, trigger=True, decode_cfg={"EARLY_ROUTE": True}
+    ),
+    "decode1-trigger-early-route-wrong-guess": LaunchOptions(
+        decode_max_pairs=1 << 30,
+        trigger=True,
+        decode_cfg={"EARLY_ROUTE": True, "SPEC_TEST": True},
+    ),
+    "decode1-trigger-l2-prefetch": LaunchOptions(
+        decode_max_pairs=1 << 30, trigger=True, decode_cfg={"L2_PREFETCH": True}
+    ),
     "auto": LaunchOptions(),
 }
 # model, M, adapters, rank: decode sizes, a grouped size, an odd M
@@ -179,3 +197,81 @@ def test_decode_kernel_compiles_once_across_batch_sizes():
         if blocks(m) == blocks(m - 1):
             assert counts[m - 1] == counts[m - 2], (m, counts)
     assert counts[-1] - counts[0] <= 2 * (len(set(map(blocks, range(1, 13)))) - 1), counts
+
+
+CHAIN_OPTIONS = {
+    "trigger-naive": LaunchOptions(mode="naive", trigger=True, shrink_l2_prefetch=True),
+    "trigger-decode-early-route": LaunchOptions(
+        decode=True, trigger=True, decode_cfg={"EARLY_ROUTE": True}
+    ),
+    "trigger-decode-l2-prefetch": LaunchOptions(
+        decode=True, trigger=True, decode_cfg={"L2_PREFETCH": True}
+    ),
+    "auto": LaunchOptions(),
+}
+
+
+@pytest.mark.parametrize("model", ["gpt-oss-20b", "qwen3-30b-a3b"])
+@pytest.mark.parametrize("name", list(CHAIN_OPTIONS))
+def test_chained_layers_in_a_cuda_graph(model, name):
+    # Round eight: with the trigger, a kernel starts (and loads its weights and route) while
+    # the previous one still runs. Several layers' w13 then w2 in one graph, each w2 reading
+    # the h that the previous layer's w13 output feeds (a copy in between, like the base's
+    # activation), every output checked bit for bit against the same chain run eagerly
+    # without PDL (the trigger and the prefetches need PDL; the arithmetic is the same).
+    options = CHAIN_OPTIONS[name]
+    layers = [_case(model, m, 3, 16, seed=40 + i) for i, m in enumerate((1, 2, 4))]
+    m_all = [c["topk_ids"].shape[0] for c in layers]
+
+    def chain(opts, outs):
+        for c, (o13, o2) in zip(layers, outs, strict=True):
+            moe_lora.add_moe_lora_w13(
+                o13, c["x"], c["topk_ids"], c["token_slots"], c["a13"], c["b13"],
+                backend="triton", options=opts,
+            )  # fmt: skip
+            inter = c["h"].shape[1]
+            c["h"].copy_(o13.reshape(-1, o13.shape[-1])[:, :inter])
+            moe_lora.add_moe_lora_w2(
+                o2, c["h"], c["topk_ids"], c["topk_weights"], c["token_slots"], c["a2"],
+                c["b2"], backend="triton", options=opts,
+            )  # fmt: skip
+
+    def fresh():
+        g = torch.Generator(device="cuda").manual_seed(9)
+        outs = []
+        for c, m in zip(layers, m_all, strict=True):
+            k = c["topk_ids"].shape[1]
+            n13 = 2 * c["b13"][0].shape[2]
+            n2 = c["b2"].shape[2]
+            outs.append(
+                (
+                    torch.randn(m, k, n13, device="cuda", generator=g).to(torch.bfloat16),
+                    torch.randn(m, k, n2, device="cuda", generator=g).to(torch.bfloat16),
+                )
+            )
+        return outs
+
+    h0 = [c["h"].clone() for c in layers]
+    want = fresh()
+    chain(dataclasses.replace(options, pdl=False), want)  # same arithmetic, no PDL
+    torch.cuda.synchronize()
+    for c, h in zip(layers, h0, strict=True):
+        c["h"].copy_(h)
+    outs = fresh()
+    chain(options, outs)  # warm-up: compiles
+    torch.cuda.synchronize()
+    init = fresh()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        chain(options, outs)
+    for _ in range(3):
+        for c, h in zip(layers, h0, strict=True):
+            c["h"].copy_(h)
+        for (o13, o2), (i13, i2) in zip(outs, init, strict=True):
+            o13.copy_(i13)
+            o2.copy_(i2)
+        g.replay()
+        torch.cuda.synchronize()
+        for (o13, o2), (w13, w2) in zip(outs, want, strict=True):
+            assert torch.equal(o13, w13)
+            assert torch.equal(o2, w2)

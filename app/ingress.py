@@ -70,6 +70,7 @@ from app.request_policy import (
     prompt_chars,
     tenant_cache_salt,
 )
+from app.request_router import routable_replicas
 from app.tenancy import Caller, GatewayTrust, Refused, Tenancy
 from app.token_link import Inbox, LinkLost, TokenSink
 
@@ -450,7 +451,7 @@ class Ingress:
             limits,
             serve_readiness,
             metrics.observe,
-            FleetWatch(serve_readiness),
+            FleetWatch(serve_readiness, routable=lambda: routable_replicas(engine.deployment_name)),
             quotas,
             admin,
             sink,

@@ -16,6 +16,9 @@ adapter from piling onto one replica while others idle: a replica stays in tiers
 its queue is at most `imbalance_threshold` longer than the least loaded candidate's.
 Replicas whose stats say their engine failed are skipped.
 
+The routers also tell their process how many replicas they can send to (`routable_replicas`):
+the ingress's cheap answer to "does any engine replica run?" (app/dispatch.py FleetWatch).
+
 Each decision is counted by the tier of the replica chosen (`moelora_routing_decisions_total
 {tier}`: accelerator, cpu, cold, or base for requests without an adapter), so the dashboards
 show how often a request lands where its adapter already is.
@@ -36,6 +39,18 @@ from app.metrics import RoutingMetrics
 RECENT_ROUTE_TTL_S = 30.0
 
 _metrics: RoutingMetrics | None = None  # one per process: a router is made for every handle
+
+# Deployment name -> replicas its routers in this process can send to, as the controller last
+# pushed them. Asking the controller instead (`serve.status()`) unpickles every deployment's
+# router class in the asking process: under a flood, when requests wait for a replica and the
+# ingress looks once a second, ~20% of an ingress replica's time with its event loop stalled.
+_routable: dict[str, int] = {}
+
+
+def routable_replicas(deployment: str) -> int | None:
+    """Replicas of `deployment` this process's adapter-affinity routers can send to; None until
+    one of them has heard from the controller (no request sent yet, or Ray's own router)."""
+    return _routable.get(deployment)
 
 
 def _routing_metrics() -> RoutingMetrics | None:
@@ -135,7 +150,17 @@ class AdapterAffinityRequestRouter(RequestRouter):
         if adapter:
             self._recent_routes.setdefault(adapter, {})[replica_id] = time.monotonic()
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._publish_routable()
+
     def on_replica_actor_died(self, replica_id: ReplicaID):
         super().on_replica_actor_died(replica_id)
         for routes in self._recent_routes.values():
             routes.pop(replica_id, None)
+        self._publish_routable()
+
+    def _publish_routable(self) -> None:
+        deployment = getattr(self, "_deployment_id", None)  # Ray's; no public accessor in 2.60
+        if deployment is not None:
+            _routable[deployment.name] = len(self.curr_replicas)

@@ -18,7 +18,8 @@ Systems (each started with the same engine settings, `serve_config.yaml`'s):
               (benchmarks/serving/ray_llm_server.py; needs `pip install -e '.[bench]'`)
 Suffixes: `vllm+colocated` / `ray-llm+colocated`: once ready, vLLM's EngineCore is moved onto
 its worker's cores as the app's engine replicas do themselves (app/replica_env.py);
-`app...+spread`: the app with `colocate_engine_core: false` (the EngineCore where vLLM leaves it).
+`app...+spread`: the app with `colocate_engine_core: false` (the EngineCore where vLLM leaves it);
+`app...+nofair`: the app with `fair_sharing: false` (every request straight into vLLM's queue).
 Adapters: `bench-00`..`bench-15`, distinct LoRA adapters to every engine (the built-in demo
 adapter files, round robin). Scenarios: `--models` (`base`, or a number of active adapters, each
 request picking one at random) x `--loads` (`rate=R`: Poisson arrivals at R requests/s, `inf`
@@ -84,7 +85,7 @@ def model_names(system: str) -> tuple[str, list[str]]:
     return base, adapters
 
 
-def app_serve_config(port: int, colocate: bool = True) -> dict:
+def app_serve_config(port: int, colocate: bool = True, fair_sharing: bool = True) -> dict:
     """serve_config.yaml with one bench tenant (no rate limits) owning the bench adapters."""
     cfg = app_config()
     cfg["http_options"].update(port=port, host="127.0.0.1")
@@ -98,6 +99,7 @@ def app_serve_config(port: int, colocate: bool = True) -> dict:
         for name, demo in bench_adapters(MAX_ADAPTERS).items()
     ]
     args["engine"]["colocate_engine_core"] = colocate
+    args["engine"]["fair_sharing"] = fair_sharing
     return cfg
 
 
@@ -106,7 +108,10 @@ def start(system: str, port: int, log: Path) -> subprocess.Popen:
     system, _, variant = system.partition("+")
     if system in ("app", "app-direct", "app-haproxy"):
         path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
-        path.write_text(yaml.safe_dump(app_serve_config(port, colocate=variant != "spread")))
+        config = app_serve_config(
+            port, colocate=variant != "spread", fair_sharing=variant != "nofair"
+        )
+        path.write_text(yaml.safe_dump(config))
         if system == "app-direct":
             env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
             env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(client_port(system, port))

@@ -152,6 +152,32 @@ def test_fleet_watch_looks_only_when_suspected_and_until_an_engine_is_back():
     assert len(looks) == 3 and min(b - a for a, b in zip(looks, looks[1:], strict=False)) >= 0.1
 
 
+def test_fleet_watch_believes_the_router_and_asks_the_controller_only_without_it():
+    looks = []
+
+    async def readiness():
+        looks.append(time.monotonic())
+        return True, {}
+
+    async def scenario():
+        view = {"replicas": None}  # the request router's replica count; None: not known yet
+        watch = FleetWatch(readiness, period_s=0.05, routable=lambda: view["replicas"])
+        states = []
+        for replicas in (2, 0, 1):
+            view["replicas"] = replicas
+            watch.suspect()  # requests wait (a flood): the router's view answers, no look
+            states.append(watch.has_engine())
+            await asyncio.sleep(0.06)
+        states.append(len(looks))
+        view["replicas"] = None  # e.g. Ray's default router: back to asking the controller
+        watch.suspect()
+        await asyncio.sleep(0.02)
+        states.append(len(looks))
+        return states
+
+    assert asyncio.run(scenario()) == [True, False, True, 0, 1]
+
+
 def test_a_refusal_names_the_replica_after_crossing_the_ray_hop():
     import pickle
 

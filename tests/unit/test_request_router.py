@@ -92,3 +92,39 @@ def test_each_decision_is_classified_by_the_tier_of_the_chosen_replica():
 
     router.on_request_routed(Pending, "cold", None)  # sent there: resident from now on
     assert router.tier_of("a", COLD) == "accelerator"
+
+
+def test_routers_tell_their_process_how_many_replicas_they_can_reach():
+    """The ingress answers "does any engine replica run?" from this (app/dispatch.py
+    FleetWatch) instead of asking the controller: it must follow the replica set Serve pushes."""
+    import asyncio
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    from app.request_router import routable_replicas
+
+    @dataclass(frozen=True)
+    class PushedReplica(FakeReplica):  # what update_replicas and its queue probe read
+        multiplexed_model_ids: frozenset = frozenset()
+        node_id: str = "node"
+        availability_zone: str | None = None
+
+        async def get_queue_len(self, *, deadline_s: float) -> int:
+            return 0
+
+    async def scenario():
+        deployment = DeploymentID(name="EngineUnderTest", app_name="app")
+        router = AdapterAffinityRequestRouter(deployment, DeploymentHandleSource.UNKNOWN)
+        router.initialize_state()
+        seen = [routable_replicas("EngineUnderTest")]  # not heard from the controller yet
+        r1, r2 = PushedReplica("r1"), PushedReplica("r2")
+        router.update_replicas([r1, r2])
+        seen.append(routable_replicas("EngineUnderTest"))
+        router.on_replica_actor_died(r1.replica_id)  # Ray's router drops a dead actor at once
+        seen.append(routable_replicas("EngineUnderTest"))
+        router.update_replicas([])
+        seen.append(routable_replicas("EngineUnderTest"))
+        await asyncio.sleep(0)  # let the queue probes Serve starts run
+        return seen
+
+    assert asyncio.run(scenario()) == [None, 2, 1, 0]

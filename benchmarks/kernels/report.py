@@ -50,6 +50,11 @@ def shipped_us(r: dict, cfg: dict | None, ran: dict | None) -> tuple[float, str]
                 return r["ours_tiles_us"], "tiles"
             if any(now) and "ours_decode1_us" in r:
                 return r["ours_decode1_us"], "decode1"
+            # Round eight: round seven's plan forced beside ("r7plan"); where the shipped rule
+            # now takes the tile path, that variant is the shipped plan (the round-eight keys
+            # that are on touch only the decode kernel).
+            if not any(now) and "ours_r7plan_us" in r:
+                return r["ours_r7plan_us"], "r7plan"
     # The pair sorter the plan picks now, if the run timed it forced beside its own choice.
     path = r.get("our_path", "")
     if path.startswith("tile-grouped"):
@@ -223,6 +228,20 @@ def main():
             f"{sorted(ms)} from {args.add_from}, as run there)"
         )
     tax = data.get("lora_tax", {}).get("rows", [])
+    # Rows of the LoRA tax from another call of the same session that replace the run's rows
+    # of the same cells (e.g. where the shipped plan differs from the plan that run used).
+    subst = data.get("lora_tax_substitute", {})
+    if subst.get("rows"):
+
+        def key(r):
+            return (r["model"], r["rank"], r["adapters"], r["M"])
+
+        new = {key(r): r for r in subst["rows"]}
+        tax = [new.get(key(r), r) for r in tax]
+        print(
+            f"(LoRA tax of {', '.join(cell(r) for r in subst['rows'])} from "
+            f"{subst.get('from', 'another call')})"
+        )
     print(summary(layer, single, tax))
     print()
     print(side_by_side(layer, single))

@@ -162,11 +162,34 @@ def fair_reserve(seats: int) -> int:
     return 0 if seats < 2 else max(1, seats // 8)
 
 
+def engine_batch(cfg: EngineConfig) -> int:
+    """The sequences vLLM runs at once (its max_num_seqs). With fair sharing the reserve comes
+    on top of `max_num_seqs`, not out of it: a tenant alone gets `max_num_seqs` (as from plain
+    vLLM with that setting) and another tenant's request still starts at once. Carved out of
+    it, the reserve idled 1/8 of the batch whenever one tenant had the replica to itself."""
+    if not cfg.fair_sharing:
+        return cfg.max_num_seqs
+    return cfg.max_num_seqs + fair_reserve(cfg.max_num_seqs)
+
+
 # While one tenant floods, seats stay ready for every other tenant active in the last 10 s
 # (between its requests, one a second or so, too): two each, since a light tenant often has two
 # requests in flight (with one each, the flood benchmark's light p99 TTFT stayed 3-4.4x unloaded).
 FAIR_RECENT_WINDOW_S = 10.0
 FAIR_SEATS_PER_ACTIVE_TENANT = 2
+
+
+def make_fair_queue(cfg: EngineConfig) -> FairQueue:
+    """Admission to vLLM's `engine_batch(cfg)` sequences: the rest wait in it, served fairly
+    among tenants (by weight, in tokens) instead of first come, first served."""
+    if not cfg.fair_sharing:
+        return FairQueue(1_000_000)  # never queues: vLLM's own order
+    return FairQueue(
+        engine_batch(cfg),
+        reserve=fair_reserve(cfg.max_num_seqs),
+        recent_window_s=FAIR_RECENT_WINDOW_S,
+        seats_per_active=FAIR_SEATS_PER_ACTIVE_TENANT,
+    )
 
 
 def reserved_tokens(request) -> float:
@@ -217,19 +240,7 @@ class VLLMEngine:
         self.usage = UsageLedger()
         self.token_links = TokenLinks()  # streams' text to the ingress replicas
         self._busy_exported = 0.0  # of usage.busy_seconds, in the busy-seconds counter
-        # vLLM runs max_num_seqs sequences at once; the rest wait here, served fairly among
-        # tenants (by weight, in tokens) instead of first come, first served.
-        seats = cfg.max_num_seqs if cfg.fair_sharing else 1_000_000  # off: never queues here
-        self.fair_queue = (
-            FairQueue(
-                seats,
-                reserve=fair_reserve(seats),
-                recent_window_s=FAIR_RECENT_WINDOW_S,
-                seats_per_active=FAIR_SEATS_PER_ACTIVE_TENANT,
-            )
-            if cfg.fair_sharing
-            else FairQueue(seats)
-        )
+        self.fair_queue = make_fair_queue(cfg)
 
     async def start(self) -> None:
         from starlette.datastructures import State
@@ -240,7 +251,9 @@ class VLLMEngine:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(self.cfg))
+        # vLLM's batch: `max_num_seqs` plus the fair-sharing reserve (engine_batch).
+        batch = self.cfg.model_copy(update={"max_num_seqs": engine_batch(self.cfg)})
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(batch))
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(UsageContext.OPENAI_API_SERVER)
         stat_loggers = [make_stat_logger_factory(self.load, self.cfg.max_loras)]

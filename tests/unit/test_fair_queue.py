@@ -103,6 +103,35 @@ def test_reserve_starts_a_light_request_at_once_while_one_tenant_floods():
     run(scenario)
 
 
+@pytest.mark.parametrize("max_num_seqs", [1, 16, 32])
+def test_a_lone_tenant_gets_max_num_seqs_and_the_reserve_comes_on_top(max_num_seqs):
+    """The engine's queue (app/engine.py): one tenant alone runs `max_num_seqs` sequences, as
+    plain vLLM with that setting would, and vLLM's batch (`engine_batch`) has room beyond them,
+    so another tenant's request still starts at once."""
+    from app.config import EngineConfig
+    from app.engine import engine_batch, make_fair_queue
+
+    cfg = EngineConfig(max_num_seqs=max_num_seqs)
+
+    async def scenario():
+        queue = make_fair_queue(cfg)
+        drive = Driver(queue)
+        for _ in range(3 * max_num_seqs):
+            drive.submit("flood", cost=1000)
+        await settle()
+        flood_running = len(drive.granted)
+        drive.submit("light", cost=10)
+        await settle()
+        return flood_running, drive.tenants()[-1], queue.seats
+
+    flood_running, last_admitted, seats = run(scenario)
+    assert flood_running == max_num_seqs
+    assert seats == engine_batch(cfg)
+    if max_num_seqs > 1:  # a reserve of 1/8, at least one seat
+        assert last_admitted == "light" and seats == max_num_seqs + max(1, max_num_seqs // 8)
+    assert engine_batch(cfg.model_copy(update={"fair_sharing": False})) == max_num_seqs
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0

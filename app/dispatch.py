@@ -79,6 +79,23 @@ class EngineClient:
         return getattr(self._configured(adapter), endpoint).remote(request, context)
 
 
+# Deployment name -> replicas the request routers of this process can send to, as the
+# controller last pushed them (app/request_router.py publishes). Kept here, not in the router's
+# module: Ray Serve ships a custom router class pickled by value, so that module's globals are a
+# private copy in every process that loads the class.
+_routable: dict[str, int] = {}
+
+
+def publish_routable(deployment: str, replicas: int) -> None:
+    _routable[deployment] = replicas
+
+
+def routable_replicas(deployment: str) -> int | None:
+    """Replicas of `deployment` this process's adapter-affinity routers can send to; None until
+    one of them has heard from the controller (no request sent yet, or Ray's own router)."""
+    return _routable.get(deployment)
+
+
 class FleetWatch:
     """Whether Ray Serve runs any engine replica. `routable` (the request router's own replica
     set, pushed to it by the controller: free to read) answers when it knows. Otherwise (no

@@ -44,6 +44,7 @@ from app.dispatch import (
     Readiness,
     Replies,
     dispatch,
+    routable_replicas,
 )
 from app.logs import get_logger
 from app.metrics import RequestMetrics
@@ -70,7 +71,6 @@ from app.request_policy import (
     prompt_chars,
     tenant_cache_salt,
 )
-from app.request_router import routable_replicas
 from app.tenancy import Caller, GatewayTrust, Refused, Tenancy
 from app.token_link import Inbox, LinkLost, TokenSink
 

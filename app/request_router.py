@@ -16,8 +16,8 @@ adapter from piling onto one replica while others idle: a replica stays in tiers
 its queue is at most `imbalance_threshold` longer than the least loaded candidate's.
 Replicas whose stats say their engine failed are skipped.
 
-The routers also tell their process how many replicas they can send to (`routable_replicas`):
-the ingress's cheap answer to "does any engine replica run?" (app/dispatch.py FleetWatch).
+The routers also tell their process how many replicas they can send to (app/dispatch.py
+`publish_routable`): the ingress's cheap answer to "does any engine replica run?".
 
 Each decision is counted by the tier of the replica chosen (`moelora_routing_decisions_total
 {tier}`: accelerator, cpu, cold, or base for requests without an adapter), so the dashboards
@@ -33,24 +33,13 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from app.contract import RoutingStats
+from app.dispatch import publish_routable
 from app.metrics import RoutingMetrics
 
 # How long a routing decision of this router counts as "the adapter is there" by itself.
 RECENT_ROUTE_TTL_S = 30.0
 
 _metrics: RoutingMetrics | None = None  # one per process: a router is made for every handle
-
-# Deployment name -> replicas its routers in this process can send to, as the controller last
-# pushed them. Asking the controller instead (`serve.status()`) unpickles every deployment's
-# router class in the asking process: under a flood, when requests wait for a replica and the
-# ingress looks once a second, ~20% of an ingress replica's time with its event loop stalled.
-_routable: dict[str, int] = {}
-
-
-def routable_replicas(deployment: str) -> int | None:
-    """Replicas of `deployment` this process's adapter-affinity routers can send to; None until
-    one of them has heard from the controller (no request sent yet, or Ray's own router)."""
-    return _routable.get(deployment)
 
 
 def _routing_metrics() -> RoutingMetrics | None:
@@ -163,4 +152,4 @@ class AdapterAffinityRequestRouter(RequestRouter):
     def _publish_routable(self) -> None:
         deployment = getattr(self, "_deployment_id", None)  # Ray's; no public accessor in 2.60
         if deployment is not None:
-            _routable[deployment.name] = len(self.curr_replicas)
+            publish_routable(deployment.name, len(self.curr_replicas))

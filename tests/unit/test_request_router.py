@@ -94,37 +94,61 @@ def test_each_decision_is_classified_by_the_tier_of_the_chosen_replica():
     assert router.tier_of("a", COLD) == "accelerator"
 
 
+SHIPPED_ROUTER_SCENARIO = """
+import asyncio, pickle, sys
+from dataclasses import dataclass
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+from app.dispatch import routable_replicas
+
+shipped = pickle.loads(sys.stdin.buffer.read())  # cloudpickle's output: plain pickle loads it
+
+@dataclass(frozen=True)
+class PushedReplica:  # what update_replicas and its queue probe read
+    replica_id: str
+    node_id: str = "node"
+    availability_zone: str | None = None
+    multiplexed_model_ids: frozenset = frozenset()
+    routing_stats: dict | None = None
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return 0
+
+async def scenario():
+    router = shipped(DeploymentID(name="Engine", app_name="a"), DeploymentHandleSource.UNKNOWN)
+    router.initialize_state()
+    seen = [routable_replicas("Engine")]  # not heard from the controller yet
+    r1, r2 = PushedReplica("r1"), PushedReplica("r2")
+    router.update_replicas([r1, r2])
+    seen.append(routable_replicas("Engine"))
+    router.on_replica_actor_died(r1.replica_id)  # Ray's router drops a dead actor at once
+    seen.append(routable_replicas("Engine"))
+    router.update_replicas([])
+    seen.append(routable_replicas("Engine"))
+    await asyncio.sleep(0)  # let the queue probes Serve starts run
+    print(seen)
+
+asyncio.run(scenario())
+"""
+
+
 def test_routers_tell_their_process_how_many_replicas_they_can_reach():
     """The ingress answers "does any engine replica run?" from this (app/dispatch.py
-    FleetWatch) instead of asking the controller: it must follow the replica set Serve pushes."""
-    import asyncio
+    FleetWatch) instead of asking the controller, so it must follow the replica set Serve
+    pushes, with the router class as Serve ships it to the ingress: pickled by value, loaded in
+    a process that never imported it (its module's globals are then a private copy)."""
+    import subprocess
+    import sys
 
-    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+    from ray.serve.config import RequestRouterConfig
 
-    from app.request_router import routable_replicas
-
-    @dataclass(frozen=True)
-    class PushedReplica(FakeReplica):  # what update_replicas and its queue probe read
-        multiplexed_model_ids: frozenset = frozenset()
-        node_id: str = "node"
-        availability_zone: str | None = None
-
-        async def get_queue_len(self, *, deadline_s: float) -> int:
-            return 0
-
-    async def scenario():
-        deployment = DeploymentID(name="EngineUnderTest", app_name="app")
-        router = AdapterAffinityRequestRouter(deployment, DeploymentHandleSource.UNKNOWN)
-        router.initialize_state()
-        seen = [routable_replicas("EngineUnderTest")]  # not heard from the controller yet
-        r1, r2 = PushedReplica("r1"), PushedReplica("r2")
-        router.update_replicas([r1, r2])
-        seen.append(routable_replicas("EngineUnderTest"))
-        router.on_replica_actor_died(r1.replica_id)  # Ray's router drops a dead actor at once
-        seen.append(routable_replicas("EngineUnderTest"))
-        router.update_replicas([])
-        seen.append(routable_replicas("EngineUnderTest"))
-        await asyncio.sleep(0)  # let the queue probes Serve starts run
-        return seen
-
-    assert asyncio.run(scenario()) == [None, 2, 1, 0]
+    shipped = RequestRouterConfig(
+        request_router_class="app.request_router:AdapterAffinityRequestRouter"
+    ).get_serialized_request_router_cls()
+    out = subprocess.run(
+        [sys.executable, "-c", SHIPPED_ROUTER_SCENARIO],
+        input=shipped,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.decode().strip().splitlines()[-1] == "[None, 2, 1, 0]"

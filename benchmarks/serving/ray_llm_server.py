@@ -35,18 +35,24 @@ def bench_adapters(count: int) -> dict[str, str]:
     return {f"bench-{i:02d}": files[i % len(files)] for i in range(count)}
 
 
-def engine_config():
+def app_config():
     from app.config import AppConfig
 
     args = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
-    return AppConfig.from_args({**args, "tenants_file": str(ROOT / args["tenants_file"])}).engine
+    return AppConfig.from_args({**args, "tenants_file": str(ROOT / args["tenants_file"])})
+
+
+def engine_config():
+    return app_config().engine
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=8102)
     parser.add_argument("--adapters", type=int, default=16)
-    parser.add_argument("--max-ongoing-requests", type=int, default=128)
+    # As the app's engine deployment (serve_config.yaml), so both hold the same requests.
+    ours = app_config().deployment.max_ongoing_requests
+    parser.add_argument("--max-ongoing-requests", type=int, default=ours)
     args = parser.parse_args()
 
     import boto3

@@ -50,13 +50,15 @@ class Replies(Protocol):
 
 
 class EngineClient:
-    """Calls the engine deployment. Configured handles are cached per adapter: `.options()`
-    builds a new handle (and its router state) on every call."""
+    """Calls the engine deployment, over Ray Serve's inter-deployment gRPC (`over_grpc`) or as
+    Ray actor calls. Configured handles are cached per adapter: `.options()` builds a new handle
+    (and its router state) on every call."""
 
     MAX_CACHED_HANDLES = 4096
 
-    def __init__(self, handle):
+    def __init__(self, handle, over_grpc: bool = False):
         self._handle = handle
+        self._over_grpc = over_grpc
         self._by_adapter: OrderedDict[str, Any] = OrderedDict()
 
     def _configured(self, adapter: str):
@@ -64,7 +66,12 @@ class EngineClient:
         if handle is not None:
             self._by_adapter.move_to_end(adapter)
         else:
-            handle = self._handle.options(stream=True, multiplexed_model_id=adapter)
+            handle = self._handle.options(
+                stream=True,
+                multiplexed_model_id=adapter,
+                # Ray Serve's handle option for its gRPC transport (no public name in 2.60).
+                _by_reference=not self._over_grpc,
+            )
             self._by_adapter[adapter] = handle
             if len(self._by_adapter) > self.MAX_CACHED_HANDLES:
                 self._by_adapter.popitem(last=False)

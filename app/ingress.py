@@ -428,6 +428,7 @@ class Ingress:
         admin_key_digests: list[str],
         gateway: GatewayTrust | None = None,
         token_link: bool = True,
+        engine_calls: str = "grpc",
     ):
         reset_niceness()
         sink = None
@@ -438,7 +439,7 @@ class Ingress:
         metrics = RequestMetrics()
         view = TenantView(registry, await registry.snapshot.remote())
         view.start()
-        engines = EngineClient(engine)
+        engines = EngineClient(engine, over_grpc=engine_calls == "grpc")
         admin = None
         if admin_key_digests:
             admin = build_admin_router(

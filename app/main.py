@@ -71,4 +71,5 @@ def build_app(args: dict[str, Any]) -> Application:
         cfg.admin.api_key_sha256,
         GatewayTrust(**cfg.gateway.model_dump()) if cfg.gateway else None,
         ingress.token_link,
+        ingress.engine_calls,
     )

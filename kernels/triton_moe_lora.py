@@ -80,12 +80,14 @@ from kernels.triton_plan import (
     use_decode,
 )
 from kernels.triton_util import (
+    INTERPRET,
     device_name,
     num_sms,
     pair_route,
     pdl_supported,
     pdl_trigger,
     pdl_wait,
+    self_cleaning_counters,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -612,6 +614,8 @@ def _decode_kernel(
     a1_ptr,
     b0_ptr,
     b1_ptr,
+    ws_ptr,
+    cnt_ptr,
     num_slots,
     out_col0,
     stride_xm,
@@ -644,6 +648,12 @@ def _decode_kernel(
     K_PAD: tl.constexpr,
     SPEC_TEST: tl.constexpr,
     TRIGGER: tl.constexpr = False,
+    KSPLIT: tl.constexpr = 1,
+    KSPLIT_P2: tl.constexpr = 1,
+    B_LATE: tl.constexpr = False,
+    N_KC: tl.constexpr = 1,  # BLOCK_K steps of this program's K (host: _decode_k_steps)
+    EVEN_K: tl.constexpr = False,  # every one of them full (no K mask)
+    L2_HINTS: tl.constexpr = True,  # B_LATE's L2 prefetch hints (inline asm: not interpreted)
 ):
     """One (pair, slice, column block) per program, the whole projection in ONE launch:
 
@@ -664,11 +674,22 @@ def _decode_kernel(
     earlier (vLLM: the router runs before the base GEMM that precedes this kernel).
     With TRIGGER (round eight) the program lets the next kernel launch right after its own
     wait, so that kernel's pre-wait loads (its weights) overlap this one's work.
+
+    Round nine, KSPLIT > 1 (the split decode kernel): the K reduction of a (pair, slice, column
+    block) is split over KSPLIT programs (grid axis 2), each reading K_PAD columns of A (one
+    chunk) instead of all of A, so no single program streams a whole A block. Each writes its
+    fp32 partial to the workspace and takes a ticket (an acq_rel atomic on the block's counter);
+    the LAST one to arrive (no waiting: the others just exit) sums the KSPLIT partials in a
+    fixed order, resets the counter to zero for the next launch, and adds B @ t to the columns.
+    B_LATE: only that last program loads B (every program asks L2 for B first); else every
+    program loads B with its A chunk (small B blocks: the last one then needs no B round trip).
     """
     pid = tl.program_id(0)
     pair = pid // NUM_SLICES
     sl = pid % NUM_SLICES
     nb = tl.program_id(1)
+    # K columns [k0, k0 + K_PAD) of A in this program (all of K, padded, when KSPLIT == 1)
+    k0 = tl.program_id(2) * K_PAD
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -693,7 +714,7 @@ def _decode_kernel(
         s_sp, e_sp = _guess_route(topk_ptr, slots_ptr, pair, num_slots, TOPK, E)
         if SPEC_TEST:  # test hook: a wrong guess, so the re-load path runs
             e_sp = (e_sp + 1) % E
-        kfull = tl.arange(0, K_PAD)
+        kfull = k0 + tl.arange(0, K_PAD)
         a_mask = r_mask[:, None] & (kfull < K)[None, :]
         b_mask = n_mask[:, None] & r_mask[None, :]
         a_tile = offs_r[:, None] * sa_r + kfull[None, :] * sa_k
@@ -701,7 +722,12 @@ def _decode_kernel(
         a_full = tl.load(
             a_sl + _block_offset(s_sp, e_sp, sa_s, sa_e) + a_tile, mask=a_mask, other=0.0
         )
-        b = tl.load(b_sl + _block_offset(s_sp, e_sp, sb_s, sb_e) + b_tile, mask=b_mask, other=0.0)
+        if B_LATE:
+            b_pf = b_sl + _block_offset(s_sp, e_sp, sb_s, sb_e)
+            _l2_prefetch(b_pf + tl.minimum(offs_n, N - 1) * sb_n, L2_HINTS)
+        else:
+            b_sp = b_sl + _block_offset(s_sp, e_sp, sb_s, sb_e)
+            b = tl.load(b_sp + b_tile, mask=b_mask, other=0.0)
     pdl_wait(PDL)
     if TRIGGER:
         pdl_trigger(PDL)
@@ -727,21 +753,28 @@ def _decode_kernel(
         wrong = (slot != s_sp) | (expert != e_sp)
         wrong_r = (offs_r * 0 + wrong.to(tl.int32)) != 0
         a_full = tl.load(a_base + a_tile, mask=a_mask & wrong_r[:, None], other=a_full)
-        b = tl.load(b_base + b_tile, mask=b_mask & wrong_r[None, :], other=b)
+        if B_LATE:
+            # (the L2 prefetch of the right B, if the guess was wrong: a hint, one per row)
+            _l2_prefetch(b_base + tl.where(wrong, tl.minimum(offs_n, N - 1), 0) * sb_n, L2_HINTS)
+        else:
+            b = tl.load(b_base + b_tile, mask=b_mask & wrong_r[None, :], other=b)
         t = tl.sum(a_full.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)
     else:
         # B and out of this column block first: independent of the shrink.
-        b = tl.load(
-            b_base + offs_n[:, None] * sb_n + offs_r[None, :] * sb_r,
-            mask=n_mask[:, None] & r_mask[None, :],
-            other=0.0,
-        )
+        if B_LATE:
+            _l2_prefetch(b_base + tl.minimum(offs_n, N - 1) * sb_n, L2_HINTS)
+        else:
+            b = tl.load(
+                b_base + offs_n[:, None] * sb_n + offs_r[None, :] * sb_r,
+                mask=n_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
         o = tl.load(o_ptrs, mask=n_mask, other=0.0)
-        # The shrink: the whole K, unrolled (every A and x load can be in flight at once).
-        EVEN_K: tl.constexpr = K % BLOCK_K == 0
+        # The shrink: this program's K (all of K when KSPLIT == 1), unrolled (every A and x
+        # load can be in flight at once).
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for kc in tl.static_range((K + BLOCK_K - 1) // BLOCK_K):
-            kidx = kc * BLOCK_K + offs_k
+        for kc in tl.static_range(N_KC):
+            kidx = k0 + kc * BLOCK_K + offs_k
             a_ptrs = a_base + offs_r[:, None] * sa_r + kidx[None, :] * sa_k
             if EVEN_K:
                 xv = tl.load(x_row + kidx)
@@ -752,6 +785,30 @@ def _decode_kernel(
                 a = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             acc += a.to(tl.float32) * xv.to(tl.float32)[None, :]
         t = tl.sum(acc, axis=1)
+    if KSPLIT > 1:
+        # Round nine: publish this chunk's partial, take a ticket; the last program of the
+        # (pair, slice, column block) sums all partials (fixed order) and does the expand.
+        blk = pid * tl.num_programs(1) + nb
+        ws_blk = ws_ptr + blk.to(tl.int64) * (KSPLIT_P2 * BLOCK_R)
+        tl.store(ws_blk + tl.program_id(2) * BLOCK_R + offs_r, t)
+        ticket = tl.atomic_add(cnt_ptr + blk, 1, sem="acq_rel", scope="gpu")
+        if ticket != KSPLIT - 1:
+            return
+        tl.atomic_xchg(cnt_ptr + blk, 0, sem="relaxed", scope="gpu")  # clean for the next launch
+        offs_s = tl.arange(0, KSPLIT_P2)
+        parts = tl.load(
+            ws_blk + offs_s[:, None] * BLOCK_R + offs_r[None, :],
+            mask=(offs_s < KSPLIT)[:, None],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        t = tl.sum(parts, axis=0)
+        if B_LATE:
+            b = tl.load(
+                b_base + offs_n[:, None] * sb_n + offs_r[None, :] * sb_r,
+                mask=n_mask[:, None] & r_mask[None, :],
+                other=0.0,
+            )
     t = t.to(x_ptr.dtype.element_ty).to(tl.float32)
     d = tl.sum(b.to(tl.float32) * t[None, :], axis=1)
     if IS_W2:
@@ -991,11 +1048,36 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
     pf_lines = triton.next_power_of_2(triton.cdiv(k_dim, 64))
     k_pad = triton.next_power_of_2(k_dim)
     block_r = triton.next_power_of_2(max(rank, 16))
-    # EARLY_ROUTE holds all of A in registers: only while it is small (plan's limit).
-    early = bool(dc.pop("EARLY_ROUTE")) and block_r * k_pad <= early_route_max_a_elems(call.cfg)
+    # EARLY_ROUTE holds all of A (or its K chunk) in registers: only while it is small.
+    early_req = bool(dc.pop("EARLY_ROUTE"))
+    early = early_req and block_r * k_pad <= early_route_max_a_elems(call.cfg)
     spec_test = bool(dc.pop("SPEC_TEST", False))
     trigger = bool(dc.pop("TRIGGER", call.trigger_decode)) and call.pdl["PDL"]
-    grid = (p * len(a), triton.cdiv(n_dim, dc["BLOCK_N"]))
+    # Round nine: the K reduction split over programs where A is larger than SPLIT_A_ELEMS
+    # (chunks of a power-of-two K width; the last program of each block does the expand).
+    split_elems = int(dc.pop("SPLIT_A_ELEMS", 0))
+    b_late = bool(dc.pop("B_LATE", False))
+    ksplit = 1
+    if split_elems and block_r * k_dim > split_elems:
+        k_chunk = max(16, 1 << ((split_elems // block_r).bit_length() - 1))
+        ksplit = triton.cdiv(k_dim, k_chunk)
+    n_blocks = triton.cdiv(n_dim, dc["BLOCK_N"])
+    if ksplit > 1:
+        k_pad = k_chunk
+        dc["BLOCK_K"] = min(dc["BLOCK_K"], k_chunk)
+        n_kc, even_k = k_chunk // dc["BLOCK_K"], k_dim % k_chunk == 0
+        prefetch = False  # (the whole-A L2 prefetch: not with a K chunk per program)
+        early = early_req and block_r * k_chunk <= early_route_max_a_elems(call.cfg)
+        ksplit_p2 = triton.next_power_of_2(ksplit)
+        ws = torch.empty(p * len(a) * n_blocks * ksplit_p2 * block_r, dtype=torch.float32,
+                         device=x.device)  # fmt: skip
+        cnt = self_cleaning_counters(x.device, "decode_split", p * len(a) * n_blocks)
+    else:
+        b_late = False
+        n_kc, even_k = triton.cdiv(k_dim, dc["BLOCK_K"]), k_dim % dc["BLOCK_K"] == 0
+        ksplit_p2 = 1
+        ws = cnt = token_slots  # dummy pointers when unused
+    grid = (p * len(a), n_blocks, ksplit)
     _decode_kernel[grid](
         out,
         x,
@@ -1007,6 +1089,8 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
         a[1] if len(a) == 2 else a[0],
         b[0],
         b[1] if len(b) == 2 else b[0],
+        ws,
+        cnt,
         num_slots,
         out_col0,
         x.stride(0),
@@ -1030,6 +1114,12 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
         K_PAD=k_pad,
         SPEC_TEST=spec_test,
         TRIGGER=trigger,
+        KSPLIT=ksplit,
+        KSPLIT_P2=ksplit_p2,
+        B_LATE=b_late,
+        N_KC=n_kc,
+        EVEN_K=even_k,
+        L2_HINTS=not INTERPRET,
         **dc,
         **call.pdl,
     )

@@ -131,6 +131,11 @@ def use_decode(
         if num_groups is not None:
             if num_pairs > cfg["decode_max_per_group"] * min(num_pairs, max(1, num_groups)):
                 return False
+        # Round nine: the split decode kernel (decode_split_*: the K reduction over several
+        # programs, the last one doing the expand) also where A is larger.
+        if num_pairs <= cfg["decode_split_max_pairs"]:
+            if block_r * k_dim <= cfg["decode_split_max_a_elems"]:
+                return True
     return num_pairs <= max_pairs and block_r * k_dim <= cfg["decode_max_a_elems"]
 
 
@@ -157,6 +162,22 @@ def decode_config(cfg: dict, rank: int, k_dim: int, n_dim: int = 0, num_pairs: i
         block_n = max(block_n, min(cfg["decode_block_n_wide"], pow2_at_least(n_dim, 16)))
     wide = a_elems > cfg["decode_wide_a_elems"] or block_n * block_r > cfg["decode_wide_b_elems"]
     early_ok = block_r * pow2_at_least(k_dim, 16) <= early_route_max_a_elems(cfg)
+    # Round nine: up to decode_split_max_pairs, an A larger than decode_split_a_elems is split
+    # along K over programs of about that many A elements (the last one does the expand;
+    # B_LATE: only it loads B, where B's block is large); warps for the B block then.
+    split = cfg["decode_split_a_elems"] if 0 < num_pairs <= cfg["decode_split_max_pairs"] else 0
+    if split and a_elems > split:
+        b_elems = block_n * block_r
+        wide_b = b_elems > cfg["decode_wide_b_elems"]
+        return dict(
+            BLOCK_N=block_n,
+            BLOCK_K=min(cfg["decode_block_k"], pow2_at_least(k_dim, 16)),
+            num_warps=cfg["decode_split_warps"] * (2 if wide_b else 1),
+            L2_PREFETCH=False,
+            EARLY_ROUTE=0 < num_pairs <= cfg["decode_split_early_max_pairs"],
+            SPLIT_A_ELEMS=split,
+            B_LATE=b_elems > cfg["decode_split_b_late_elems"],
+        )
     return dict(
         BLOCK_N=block_n,
         BLOCK_K=min(cfg["decode_block_k"], pow2_at_least(k_dim, 16)),

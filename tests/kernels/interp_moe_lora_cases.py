@@ -322,12 +322,24 @@ DECODE_CFGS = [
     # always wrong, so the re-load after the wait is what runs
     dict(EARLY_ROUTE=True, BLOCK_N=16),
     dict(EARLY_ROUTE=True, SPEC_TEST=True, BLOCK_N=16),
+    # round nine: the split decode kernel (K chunks of 256 A elements over several programs,
+    # the last one sums the partials and does the expand), B loaded by all or by the last
+    dict(SPLIT_A_ELEMS=256, BLOCK_N=16, BLOCK_K=16),
+    dict(SPLIT_A_ELEMS=256, BLOCK_N=16, BLOCK_K=16, B_LATE=True, EARLY_ROUTE=True),
+    dict(SPLIT_A_ELEMS=512, BLOCK_N=32, EARLY_ROUTE=True, SPEC_TEST=True),
+]
+DECODE_IDS = [
+    "plan",
+    "small-blocks",
+    "early-route",
+    "early-route-wrong-guess",
+    "split",
+    "split-b-late-early-route",
+    "split-early-route-wrong-guess",
 ]
 
 
-@pytest.mark.parametrize(
-    "cfg", DECODE_CFGS, ids=["plan", "small-blocks", "early-route", "early-route-wrong-guess"]
-)
+@pytest.mark.parametrize("cfg", DECODE_CFGS, ids=DECODE_IDS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kind", ["w13", "w2"])
 def test_decode_one_launch(kind, shape, cfg):

@@ -63,6 +63,20 @@ PATHS = {
     "decode1-trigger-l2-prefetch": LaunchOptions(
         decode_max_pairs=1 << 30, trigger=True, decode_cfg={"L2_PREFETCH": True}
     ),
+    # round nine: the split decode kernel (K chunks of A over several programs, the last one
+    # sums the partials and does the expand), every shape and M (the plan's rule is narrower)
+    "decode-split": LaunchOptions(decode=True, decode_cfg={"SPLIT_A_ELEMS": 8192}),
+    "decode-split-trigger-early-route": LaunchOptions(
+        decode=True, trigger=True, decode_cfg={"SPLIT_A_ELEMS": 8192, "EARLY_ROUTE": True}
+    ),
+    "decode-split-trigger-early-route-wrong-guess": LaunchOptions(
+        decode=True,
+        trigger=True,
+        decode_cfg={"SPLIT_A_ELEMS": 8192, "EARLY_ROUTE": True, "SPEC_TEST": True},
+    ),
+    "decode-split-b-late": LaunchOptions(
+        decode=True, decode_cfg={"SPLIT_A_ELEMS": 4096, "B_LATE": True, "EARLY_ROUTE": True}
+    ),
     "auto": LaunchOptions(),
 }
 # model, M, adapters, rank: decode sizes, a grouped size, an odd M
@@ -136,12 +150,17 @@ def test_paths_match_oracle_at_model_shapes(cell, path):
         )
 
 
-@pytest.mark.parametrize("mode", ["naive", "grouped", "decode", "decode-early-route"])
+@pytest.mark.parametrize(
+    "mode", ["naive", "grouped", "decode", "decode-early-route", "decode-split", "decode-split-b"]
+)
 def test_replays_in_a_cuda_graph(mode):
     c = _case("gpt-oss-20b", 4, 2, 16, seed=5)
     options = LaunchOptions(mode=mode)
     if mode.startswith("decode"):
         options = LaunchOptions(decode=True, decode_cfg={"EARLY_ROUTE": mode != "decode"})
+    if mode.startswith("decode-split"):  # round nine: the counters must come back to zero
+        cfg = {"SPLIT_A_ELEMS": 4096, "EARLY_ROUTE": True, "B_LATE": mode == "decode-split-b"}
+        options = LaunchOptions(decode=True, trigger=True, decode_cfg=cfg)
     m, top_k = c["topk_ids"].shape
     base = torch.randn(m, top_k, 2 * c["b13"][0].shape[2], device="cuda").to(torch.bfloat16)
     out = base.clone()
@@ -206,6 +225,9 @@ CHAIN_OPTIONS = {
     ),
     "trigger-decode-l2-prefetch": LaunchOptions(
         decode=True, trigger=True, decode_cfg={"L2_PREFETCH": True}
+    ),
+    "trigger-split-decode-early-route": LaunchOptions(
+        decode=True, trigger=True, decode_cfg={"SPLIT_A_ELEMS": 8192, "EARLY_ROUTE": True}
     ),
     "auto": LaunchOptions(),
 }

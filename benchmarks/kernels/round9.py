@@ -1,0 +1,162 @@
+"""Round nine of issue 13 on one GPU: the split decode kernel (the K reduction of a pair's
+projection over several programs, the last one to finish doing the expand), in one call.
+
+    python -m benchmarks.kernels.round9 --out DIR [--parts check,probe]
+
+  check   correctness of the split decode kernel against the torch backend on the GPU
+          (bench.py's check_case: both models, ranks 16/64, M 1/2/4/16/64, mixed ranks, a
+          disabled slot, 25% tokens without adapter): K chunks of 4096 / 8192 / 16384 A
+          elements, with and without the pre-wait loads (early route, also with a wrong guess
+          forced), B loaded by every program or only by the last one.
+  probe   both timing methods, M = 1 and 4 (1 and 8 adapters) and M = 16 (8 adapters), both
+          models, ranks 16 / 64: the plan (timed first and last, for the noise) against the
+          split decode kernel with the trigger, K chunks of 8192 A elements (16 KB), early
+          route on / off, chunks of 4096 / 16384, and for rank 64 256-column blocks.
+Writes DIR/round9_probe.json; prints a table per method and a geomean per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.kernels import bench, round7
+from benchmarks.kernels.inputs import MODELS
+from benchmarks.kernels.timing import measure_peak_bw
+
+BIG = 1 << 30
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def split_cfg(elems=8192, early=True, b_late=8192, **more):
+    """Plan keys that put a projection on the split decode kernel (with decode=True)."""
+    return dict(
+        decode_split_max_pairs=BIG,
+        decode_split_a_elems=elems,
+        decode_split_early_max_pairs=BIG if early else 0,
+        decode_split_b_late_elems=b_late,
+        **more,
+    )
+
+
+def variants(model, rank, n_act, m):
+    v = {"auto": {}}
+    v["ds"] = dict(decode=True, cfg=split_cfg())
+    v["ds_noer"] = dict(decode=True, cfg=split_cfg(early=False))
+    v["ds4k"] = dict(decode=True, cfg=split_cfg(4096))
+    v["ds16k"] = dict(decode=True, cfg=split_cfg(16384))
+    if rank >= 64:
+        v["ds_bn256"] = dict(decode=True, cfg=split_cfg(decode_block_n=256))
+        v["ds_bn256_b"] = dict(decode=True, cfg=split_cfg(b_late=BIG, decode_block_n=256))
+    else:
+        v["ds_blate"] = dict(decode=True, cfg=split_cfg(b_late=0))
+    v["auto2"] = {}
+    return v
+
+
+def cells():
+    out = []
+    for model in MODELS:
+        for rank in (16, 64):
+            for m, n_act in ((1, 1), (1, 8), (4, 1), (4, 8), (16, 8)):
+                out.append((model, rank, n_act, m))
+    return out
+
+
+def check(gen):
+    rows = []
+    v = {
+        "auto": {},
+        "ds": dict(decode=True, cfg=split_cfg()),
+        "ds_noer": dict(decode=True, cfg=split_cfg(early=False)),
+        "ds4k_blate": dict(decode=True, cfg=split_cfg(4096, b_late=0)),
+        "ds16k": dict(decode=True, cfg=split_cfg(16384, b_late=BIG)),
+        "ds_wrong": dict(decode=True, cfg=split_cfg(), decode_cfg={"SPEC_TEST": True}),
+        "ds_wrong_blate": dict(
+            decode=True, cfg=split_cfg(b_late=0), decode_cfg={"SPEC_TEST": True}
+        ),
+    }
+    for model in MODELS:
+        for rank in (16, 64):
+            for m, n_act in ((1, 1), (2, 8), (4, 8), (16, 8), (64, 8)):
+                rows += bench.check_case(None, model, rank, m, n_act, gen, v)
+    return rows
+
+
+def probe(gen, l2, peak, res, save):
+    layer, single = res["layer"], res["single"]
+    groups = {}
+    for model, rank, n_act, m in cells():
+        key = (model, n_act, rank)
+        if key not in groups:
+            groups.clear()
+            torch.cuda.empty_cache()
+            groups[key] = bench.Group(model, n_act, rank, gen)
+        v = variants(model, rank, n_act, m)
+        r = bench.time_cell(None, groups[key], m, False, gen, l2, v, peak)
+        r["our_path"] = bench.our_path_name(model, rank, m, n_act)
+        layer.append(r)
+        log(f"layer {model} r{rank} a{n_act} M{m} ({r['our_path']}): "
+            + " ".join(f"{n} {r[f'ours_{n}_us']:.2f}" for n in v))  # fmt: skip
+        for s in bench.time_single(None, model, rank, n_act, m, False, gen, v):
+            s["our_path"] = r["our_path"]
+            single.append(s)
+            log(f"single {model} r{rank} a{n_act} M{m} {s['proj']}: "
+                + " ".join(f"{n} {s[f'ours_{n}_us']:.2f}" for n in v))  # fmt: skip
+        save()
+    groups.clear()
+    torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--parts", default="check,probe")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    which = args.parts.split(",")
+    t0 = time.time()
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 60 << 20)
+    peak = measure_peak_bw()
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    res = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), peak_copy_gbps=peak, plan=round7._cfg())
+    log(f"copy bandwidth {peak:.0f} GB/s")
+
+    def save():
+        (out / "round9_probe.json").write_text(json.dumps(res, indent=1, default=str))
+
+    if "check" in which:
+        res["check"] = rows = check(gen)
+        bad = [r for r in rows if not r["ok"]]
+        worst = max(rows, key=lambda r: max(r["w13_max"], r["w2_max"]))
+        log(f"[{time.time() - t0:.0f}s] check: {len(rows) - len(bad)}/{len(rows)} ok, worst "
+            f"max-rel {max(worst['w13_max'], worst['w2_max']):.2e}")  # fmt: skip
+        for r in bad:
+            log("  FAIL", {k: r[k] for k in r if k not in ("w13", "w2")})
+        save()
+        if bad:
+            log("check failed: no timing")
+            return
+    if "probe" in which:
+        res["layer"], res["single"] = [], []
+        probe(gen, l2, peak, res, save)
+        log(f"[{time.time() - t0:.0f}s] probe done")
+        res["layer_rules"] = round7.rule_summary(res["layer"], "layer")
+        res["single_rules"] = round7.rule_summary(res["single"], "single")
+        round7.table(res["layer"], "layer method")
+        round7.table(res["single"], "single-call method")
+        save()
+    log(f"total {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -162,11 +162,12 @@ def decode_config(cfg: dict, rank: int, k_dim: int, n_dim: int = 0, num_pairs: i
         block_n = max(block_n, min(cfg["decode_block_n_wide"], pow2_at_least(n_dim, 16)))
     wide = a_elems > cfg["decode_wide_a_elems"] or block_n * block_r > cfg["decode_wide_b_elems"]
     early_ok = block_r * pow2_at_least(k_dim, 16) <= early_route_max_a_elems(cfg)
-    # Round nine: up to decode_split_max_pairs, an A larger than decode_split_a_elems is split
-    # along K over programs of about that many A elements (the last one does the expand;
-    # B_LATE: only it loads B, where B's block is large); warps for the B block then.
+    # Round nine: up to decode_split_max_pairs, an A larger than the plain decode kernel takes
+    # (decode_max_a_elems) is split along K over programs of about decode_split_a_elems A
+    # elements (the last one does the expand; B_LATE: only it loads B, where B's block is
+    # large); warps for the B block then.
     split = cfg["decode_split_a_elems"] if 0 < num_pairs <= cfg["decode_split_max_pairs"] else 0
-    if split and a_elems > split:
+    if split and a_elems > cfg["decode_max_a_elems"]:
         b_elems = block_n * block_r
         wide_b = b_elems > cfg["decode_wide_b_elems"]
         return dict(

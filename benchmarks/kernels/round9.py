@@ -12,6 +12,10 @@ projection over several programs, the last one to finish doing the expand), in o
           models, ranks 16 / 64: the plan (timed first and last, for the noise) against the
           split decode kernel with the trigger, K chunks of 8192 A elements (16 KB), early
           route on / off, chunks of 4096 / 16384, and for rank 64 256-column blocks.
+  check2, probe2 (second call) candidate plan rules (CANDIDATES: GPT-OSS rank 16 at <= 8
+          pairs on the split decode kernel, chunks of 16384 / 32768 A elements, B loaded by
+          all or by the last program, 4 / 8 warps; round eight's plain decode rule) against
+          the plan, GPT-OSS rank 16 at M = 1 / 2 / 4; checks of their paths first.
 Writes DIR/round9_probe.json; prints a table per method and a geomean per variant.
 """
 
@@ -61,6 +65,42 @@ def variants(model, rank, n_act, m):
     return v
 
 
+def candidate(elems, b_late=BIG, warps=4, max_pairs=8):
+    """Plan keys of a candidate rule: GPT-OSS rank 16 (A 16 x 2880) at <= max_pairs pairs on
+    the split decode kernel, chunks of `elems` A elements, early route, `warps` warps."""
+    return dict(
+        decode_split_max_pairs=max_pairs,
+        decode_split_max_a_elems=46080,
+        decode_split_a_elems=elems,
+        decode_split_early_max_pairs=max_pairs,
+        decode_split_b_late_elems=b_late,
+        decode_split_warps=warps,
+    )
+
+
+CANDIDATES = {
+    "c16": candidate(16384),
+    "c16bl": candidate(16384, b_late=0),
+    "c16w8": candidate(16384, warps=8),
+    "c32w8": candidate(32768, warps=8),
+    "c32blw8": candidate(32768, b_late=0, warps=8),
+    # round eight's rule (the plain decode kernel, early route in 16 warps, <= 8 pairs)
+    "r8dec": dict(decode_small_max_pairs=8),
+}
+
+
+def variants2(model, rank, n_act, m):
+    v = {"auto": {}}
+    v.update({n: dict(cfg=c) for n, c in CANDIDATES.items()})
+    v["auto2"] = {}
+    return v
+
+
+def cells2():
+    g = "gpt-oss-20b"
+    return [(g, 16, 1, 1), (g, 16, 8, 1), (g, 16, 8, 2), (g, 16, 32, 1), (g, 16, 8, 4)]
+
+
 def cells():
     out = []
     for model in MODELS:
@@ -90,16 +130,16 @@ def check(gen):
     return rows
 
 
-def probe(gen, l2, peak, res, save):
+def probe(gen, l2, peak, res, save, second=False):
     layer, single = res["layer"], res["single"]
     groups = {}
-    for model, rank, n_act, m in cells():
+    for model, rank, n_act, m in cells2() if second else cells():
         key = (model, n_act, rank)
         if key not in groups:
             groups.clear()
             torch.cuda.empty_cache()
             groups[key] = bench.Group(model, n_act, rank, gen)
-        v = variants(model, rank, n_act, m)
+        v = variants2(model, rank, n_act, m) if second else variants(model, rank, n_act, m)
         r = bench.time_cell(None, groups[key], m, False, gen, l2, v, peak)
         r["our_path"] = bench.our_path_name(model, rank, m, n_act)
         layer.append(r)
@@ -146,9 +186,24 @@ def main():
         if bad:
             log("check failed: no timing")
             return
-    if "probe" in which:
+    if "check2" in which:  # the candidates' own paths (plan keys), GPT-OSS rank 16
+        v = {"auto": {}, **{n: dict(cfg=c) for n, c in CANDIDATES.items()}}
+        v.update({f"{n}_wrong": dict(cfg=c, decode_cfg={"SPEC_TEST": True})
+                  for n, c in CANDIDATES.items() if n.startswith("c")})  # fmt: skip
+        rows = []
+        for m, n_act in ((1, 1), (1, 8), (2, 8), (3, 4), (4, 8)):
+            rows += bench.check_case(None, "gpt-oss-20b", 16, m, n_act, gen, v)
+        res["check2"] = rows
+        bad = [r for r in rows if not r["ok"]]
+        log(f"[{time.time() - t0:.0f}s] check2: {len(rows) - len(bad)}/{len(rows)} ok")
+        for r in bad:
+            log("  FAIL", r)
+        save()
+        if bad:
+            return
+    for part in [p for p in ("probe", "probe2") if p in which]:
         res["layer"], res["single"] = [], []
-        probe(gen, l2, peak, res, save)
+        probe(gen, l2, peak, res, save, second=part == "probe2")
         log(f"[{time.time() - t0:.0f}s] probe done")
         res["layer_rules"] = round7.rule_summary(res["layer"], "layer")
         res["single_rules"] = round7.rule_summary(res["single"], "single")

@@ -99,7 +99,13 @@ def choose_sorter(cfg: dict, num_pairs: int, num_groups: int) -> str:
     """The one-program tl.sort up to onepass_sort_max_pairs, then the one-program counting sort
     up to count1_max_pairs (and count1_max_groups: its scan reads every group's counter), then
     the two-launch counting sort with relaxed counting atomics up to countr_max_pairs (round
-    four), then the four-launch counting sort (many programs)."""
+    four), then the four-launch counting sort (many programs).
+
+    Round nine: the one-program counting sort already from count1_early_min_pairs pairs while
+    the groups are few (count1_early_max_groups: its scan reads every group's counter)."""
+    if cfg["count1_early_min_pairs"] <= num_pairs <= cfg["count1_max_pairs"]:
+        if num_groups <= min(cfg["count1_early_max_groups"], cfg["count1_max_groups"]):
+            return cfg["count1_sorter"]
     if num_pairs <= cfg["onepass_sort_max_pairs"]:
         return "onepass"
     if num_pairs <= cfg["count1_max_pairs"] and num_groups <= cfg["count1_max_groups"]:

@@ -480,6 +480,8 @@ R7_PLAN_KEYS = dict(
     tail_trigger_max_pairs=0,
     shrink_l2_prefetch_max_pairs=0,
 )
+# Round nine: round eight's plan (the one-program counting sort from 513 pairs off).
+R8_PLAN_KEYS = dict(count1_early_min_pairs=1 << 30)
 PLAN_OVERRIDE: dict = {}
 _REAL_PLAN_CONFIG = ours.plan_config
 
@@ -502,8 +504,9 @@ def plan_variants(model, rank, n_act, m):
     p = m * spec["top_k"]
     path = plan_name(_cfg(), p, n_act, spec["experts"], rank)
     v = {"auto": {}, **decode_variants(model, rank, n_act, m)}
-    if m <= 64:
-        v["r7plan"] = dict(cfg=R7_PLAN_KEYS)
+    # round nine: round eight's plan beside the plan where they differ (the pair sorter)
+    if path != plan_name({**_cfg(), **R8_PLAN_KEYS}, p, n_act, spec["experts"], rank):
+        v["r8plan"] = dict(cfg=R8_PLAN_KEYS)
     if not path.startswith("tile-grouped"):
         return v
     forced_sorters = []

@@ -144,14 +144,16 @@ def main():
     ap.add_argument(
         "--ours-cfg",
         default=None,
-        help="plan keys overriding the GPU's plan for our op, as JSON; r7plan = round seven's",
+        help="plan keys overriding the GPU's plan for our op, as JSON; r7plan / r8plan = round "
+        "seven's / eight's",
     )
     args = ap.parse_args()
     global OURS_OPTIONS
     if args.ours_cfg:
         from benchmarks.kernels import bench  # installs the plan override (bench.PLAN_OVERRIDE)
 
-        cfg = bench.R7_PLAN_KEYS if args.ours_cfg == "r7plan" else json.loads(args.ours_cfg)
+        named = {"r7plan": bench.R7_PLAN_KEYS, "r8plan": bench.R8_PLAN_KEYS}
+        cfg = named[args.ours_cfg] if args.ours_cfg in named else json.loads(args.ours_cfg)
         bench.PLAN_OVERRIDE.update(cfg)
     if args.ours_options:
         from kernels.triton_plan import LaunchOptions

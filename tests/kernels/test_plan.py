@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 from kernels.triton_plan import (  # noqa: E402
     CONFIG_DIR,
     choose_mode,
+    choose_sorter,
     config_file_name,
     decode_config,
     grouped_block_m,
@@ -89,3 +90,18 @@ def test_decode_launch_chain_rules_round_eight():
     assert not use_decode(defaults, 4, 16, 2880)
     assert not decode_config(defaults, 16, 2048, 768, 8)["EARLY_ROUTE"]
     assert defaults["decode_trigger_max_pairs"] == 0 and defaults["tail_trigger_max_pairs"] == 0
+
+
+def test_sorter_rule_round_nine():
+    cfg = plan_config("NVIDIA H200")
+    # the one-program relaxed counting sort from 513 pairs while the groups are few ...
+    assert choose_sorter(cfg, 1024, 32) == "count1r"  # GPT-OSS, one adapter, M = 256
+    assert choose_sorter(cfg, 1024, 33 * 32) == "count1r"
+    assert choose_sorter(cfg, 513, 128) == "count1r"
+    # ... the one-program tl.sort below, and with many groups up to 1024 pairs
+    assert choose_sorter(cfg, 512, 33 * 128) == "onepass"
+    assert choose_sorter(cfg, 512, 128) == "onepass"
+    assert choose_sorter(cfg, 1024, 33 * 128) == "onepass"
+    assert choose_sorter(cfg, 2048, 128) == "count1r"
+    # other GPUs: unchanged (tl.sort up to onepass_sort_max_pairs)
+    assert choose_sorter(plan_config(None), 1024, 32) == "onepass"

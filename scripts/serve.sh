@@ -18,6 +18,9 @@
 # capped streaming at ~2.7k chunks/s (docs/serving.md). RAY_SERVE_ENABLE_HA_PROXY=0 keeps the
 # Python proxy. HAProxy's stats page (8404) and its own Prometheus endpoint (9101) listen on
 # every interface too: firewall them on shared hosts.
+#
+# Ray settings of the node (the Serve controller's loop interval; each one's why is in
+# app/node_env.py) are exported before `ray start` unless already set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-serve_config.yaml}
@@ -31,6 +34,7 @@ if [[ -z "${RAY_SERVE_ENABLE_HA_PROXY:-}" ]]; then
     export RAY_SERVE_ENABLE_HA_PROXY=0
   fi
 fi
+eval "$(.venv/bin/python -m app.node_env)"
 .venv/bin/ray start --head --dashboard-host=127.0.0.1 --metrics-export-port="$METRICS_PORT" \
   --disable-usage-stats >/dev/null
 trap '.venv/bin/ray stop >/dev/null 2>&1 || true' EXIT

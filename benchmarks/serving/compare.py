@@ -25,7 +25,9 @@ adapter files, round robin). Scenarios: `--models` (`base`, or a number of activ
 request picking one at random) x `--loads` (`rate=R`: Poisson arrivals at R requests/s, `inf`
 all at once; `conc=C`: at most C in flight); random dataset, 64 prompts (--prompts), input 64,
 output 32, ignore_eos. Prints one table per scenario (median over runs) with ratios against vllm and
-ray-llm, and writes every run's numbers to --out (JSON).
+ray-llm, and writes every run's numbers to --out (JSON). Each run also records the CPU seconds
+every process of the system used during it (`cpu_s`, by process title: the serving layer's cost
+where tokens/s alone cannot show it), summed over processes of the same title.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import httpx
 import psutil
 import yaml
 
+from app.node_env import node_env
 from benchmarks.serving.ray_llm_server import bench_adapters, engine_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +110,7 @@ def start(system: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     system, _, variant = system.partition("+")
     if system in ("app", "app-direct", "app-haproxy"):
+        env = node_env(env)  # the node settings scripts/serve.sh gives the app
         path = Path(tempfile.mkdtemp()) / "serve_config.yaml"
         config = app_serve_config(
             port, colocate=variant != "spread", fair_sharing=variant != "nofair"
@@ -159,6 +163,44 @@ def colocate_engine_cores(proc: subprocess.Popen) -> int:
     from app.replica_env import colocate_engine_core
 
     return sum(len(colocate_engine_core(p)) for p in session_processes(proc))
+
+
+def process_title(p: psutil.Process) -> str:
+    """What a process is: Ray's title (`ray::ServeReplica:app:Ingress`, `ray::IDLE`) or vLLM's
+    (`VLLM::EngineCore`), else its program and first argument (`gcs_server`, `python -m ...`)."""
+    cmdline = p.cmdline()
+    if not cmdline:
+        return p.name()
+    head = cmdline[0].split()[0] if len(cmdline) == 1 else cmdline[0]
+    if head.startswith(("ray::", "VLLM::")) or len(cmdline) == 1:
+        return head.removesuffix(".listen_for_change")
+    program = Path(head).name
+    if program.startswith("python") and len(cmdline) > 2 and cmdline[1] == "-m":
+        return f"{program} -m {cmdline[2]}"
+    return program if len(cmdline) < 2 else f"{program} {Path(cmdline[1]).name}"
+
+
+def cpu_seconds(proc: subprocess.Popen) -> dict[int, tuple[str, float]]:
+    """pid -> (title, user + system CPU seconds so far) of every process of the system."""
+    seen = {}
+    for p in session_processes(proc):
+        try:
+            times = p.cpu_times()
+            seen[p.pid] = (process_title(p), times.user + times.system)
+        except psutil.Error:
+            pass
+    return seen
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]):
+    """CPU seconds per process title between two `cpu_seconds` (a process started in between
+    counts whole), largest first."""
+    used: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        used[title] = used.get(title, 0.0) + cpu - before.get(pid, (title, 0.0))[1]
+    return dict(
+        sorted(((t, round(c, 2)) for t, c in used.items() if c >= 0.005), key=lambda x: -x[1])
+    )
 
 
 def wait_ready(port: int, model: str, timeout_s: float = 300) -> float:
@@ -238,9 +280,14 @@ def bench(
 
 def summary(run: dict) -> str:
     """One run's metrics, and its slowest first tokens as (sent at s, TTFT ms)."""
-    metrics = {k: round(v, 1) for k, v in run.items() if k != "requests"}
+    metrics = {k: round(v, 1) for k, v in run.items() if k not in ("requests", "cpu_s")}
     slowest = sorted(run.get("requests", []), key=lambda r: -r[1])[:3]
-    return f"{metrics} slowest first tokens (sent at s, ms): {slowest}"
+    cpu = run.get("cpu_s", {})
+    top = ", ".join(f"{title} {s:.1f}" for title, s in list(cpu.items())[:8])
+    return (
+        f"{metrics} slowest first tokens (sent at s, ms): {slowest}\n"
+        f"    CPU s {sum(cpu.values()):.1f}: {top}"
+    )
 
 
 def versions() -> dict[str, str]:
@@ -280,7 +327,9 @@ def main() -> None:
                     scenario = f"{label}, {load}"
                     runs = results.setdefault(scenario, {}).setdefault(system, [])
                     for seed in range(args.runs):
+                        cpu_before = cpu_seconds(proc)
                         runs.append(bench(port, base, active, load, seed, args.prompts))
+                        runs[-1]["cpu_s"] = cpu_used(cpu_before, cpu_seconds(proc))
                         print(f"  {scenario} run {seed}: {summary(runs[-1])}", flush=True)
         finally:
             stop(proc)

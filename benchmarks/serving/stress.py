@@ -74,6 +74,7 @@ from app.contract import (
     RoutingStats,
 )
 from app.engine import ModelNames
+from app.node_env import node_env
 from app.replica_env import reset_niceness
 from app.token_link import TokenLinks
 
@@ -413,7 +414,8 @@ class Target:
 
 
 def start_server(target: Target, args: argparse.Namespace, log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
+    # The app's targets get the node settings scripts/serve.sh gives the app.
+    env = dict(os.environ) if target.name == "plain" else node_env(os.environ)
     cmd = [sys.executable, "-m", "benchmarks.serving.stress", "--serve", target.name]
     cmd += ["--ingress-replicas", str(target.ingress_replicas)]
     cmd += ["--token-link", "on" if target.token_link else "off"]

@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from app.builtin_model import DEMO_TENANTS
+from app.node_env import NODE_ENV_DEFAULTS
 from tests.net import free_port
 
 pytestmark = pytest.mark.engine
@@ -57,6 +58,19 @@ def haproxy_in_session(session: int) -> bool:
         except (ProcessLookupError, PermissionError):
             pass
     return False
+
+
+def controller_environment(session: int) -> dict[str, str]:
+    """The environment of the Serve controller among the script's session's processes."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(p.pid) == session and "ray::ServeController" in " ".join(
+                p.info["cmdline"] or ()
+            ):
+                return p.environ()
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    raise AssertionError("no Serve controller in the script's session")
 
 
 def engine_call_line(log: Path, request_id: str, timeout_s: float = 60) -> str:
@@ -126,6 +140,10 @@ def test_serve_script_starts_the_app_serves_a_stream_and_stops_on_ctrl_c(
         assert ready is not None and ready.status_code == 200, log.read_text()[-3000:]
         assert ready.headers.get("x-request-id")
         assert haproxy_in_session(proc.pid) == haproxy, log.read_text()[-3000:]
+        # The node settings the script exports reach Ray's own processes (app/node_env.py).
+        controller_env = controller_environment(proc.pid)
+        for name, value in NODE_ENV_DEFAULTS.items():
+            assert controller_env.get(name) == value, name
 
         tenant = DEMO_TENANTS[0]
         client = openai.OpenAI(

@@ -13,7 +13,7 @@ Why these exist (measured on the 2-core CPU machine, docs/serving.md):
     a third loop in its own thread by default: every call hops there and back, and the two
     loops contend for the GIL. Ours runs on the replica's loop (Ray Serve's own
     RAY_SERVE_THROUGHPUT_OPTIMIZED preset does the same): nothing on it blocks. Stress
-    benchmark, 128 streams: +9-17% token chunks/s, added TTFT p50 -21-40% (docs/serving.md).
+    benchmark, 128 streams: +9-17% token chunks/s, added TTFT p50 -20-40% (docs/serving.md).
   * On CPU, vLLM binds its worker (the model) to some cores and leaves the others to everything
     else, but not its EngineCore: that process spin-waits (sched_yield) on the worker's reply
     for a second after every step, so under load it takes most of a "free" core, and the

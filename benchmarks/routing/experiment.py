@@ -331,6 +331,8 @@ def run_one(router: str, args, arrivals: list[Arrival]) -> dict:
     started = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     cfg = app_args(router, str(tmp / "registry.sqlite"))
+    if args.imbalance_threshold is not None:  # ours only; the app's default otherwise
+        cfg["routing"]["imbalance_threshold"] = args.imbalance_threshold
     app.main.EngineDeployment = EngineDeployment
     if router == "ray_multiplex":
         from benchmarks.routing.multiplexed_engine import MultiplexReportingEngineDeployment
@@ -371,6 +373,7 @@ def run_one(router: str, args, arrivals: list[Arrival]) -> dict:
         "parameters": {
             "duration_s": args.duration_s,
             "rate_per_s": args.rate,
+            "imbalance_threshold": cfg["routing"].get("imbalance_threshold"),
             "seed": SEED,
             "tenants": N_TENANTS,
             "zipf_s": ZIPF_S,
@@ -444,6 +447,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson)")
     parser.add_argument("--drain-s", type=float, default=90.0, help="wait for the last requests")
     parser.add_argument("--settle-s", type=float, default=12.0, help="before reading counters")
+    parser.add_argument(
+        "--imbalance-threshold", type=int, default=None, help="our router's load bound"
+    )
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks/routing/results")
     parser.add_argument("--table", type=Path, nargs="*", help="print the table of these results")
     args = parser.parse_args()

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.serving import compare
+from benchmarks.serving import compare, process_cpu
 
 LOADS = ("rate=inf", "rate=inf", "conc=4")
 
@@ -76,9 +76,9 @@ def main() -> None:
             compare.wait_ready(port, adapters[0])
             compare.bench(port, base, [], "rate=inf", seed=99, prompts=128)  # warm-up
             for seed, load in enumerate(LOADS):
-                cpu_before = compare.cpu_seconds(proc)
+                cpu_before, since = compare.cpu_snapshot(proc), time.time()
                 run = compare.bench(port, base, [], load, seed=seed, prompts=256)
-                run["cpu_s"] = compare.cpu_used(cpu_before, compare.cpu_seconds(proc))
+                run["cpu_s"] = process_cpu.cpu_used(cpu_before, compare.cpu_snapshot(proc), since)
                 print(i, arm, load, compare.summary(run), flush=True)
                 run.pop("requests")
                 runs.setdefault(f"{i} {arm}", {}).setdefault(load, []).append(run)

@@ -50,6 +50,7 @@ import psutil
 import yaml
 
 from app.node_env import node_env
+from benchmarks.serving import process_cpu
 from benchmarks.serving.ray_llm_server import bench_adapters, engine_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,42 +166,9 @@ def colocate_engine_cores(proc: subprocess.Popen) -> int:
     return sum(len(colocate_engine_core(p)) for p in session_processes(proc))
 
 
-def process_title(p: psutil.Process) -> str:
-    """What a process is: Ray's title (`ray::ServeReplica:app:Ingress`, `ray::IDLE`) or vLLM's
-    (`VLLM::EngineCore`), else its program and first argument (`gcs_server`, `python -m ...`)."""
-    cmdline = p.cmdline()
-    if not cmdline:
-        return p.name()
-    head = cmdline[0].split()[0] if len(cmdline) == 1 else cmdline[0]
-    if head.startswith(("ray::", "VLLM::")) or len(cmdline) == 1:
-        return head.removesuffix(".listen_for_change")
-    program = Path(head).name
-    if program.startswith("python") and len(cmdline) > 2 and cmdline[1] == "-m":
-        return f"{program} -m {cmdline[2]}"
-    return program if len(cmdline) < 2 else f"{program} {Path(cmdline[1]).name}"
-
-
-def cpu_seconds(proc: subprocess.Popen) -> dict[int, tuple[str, float]]:
-    """pid -> (title, user + system CPU seconds so far) of every process of the system."""
-    seen = {}
-    for p in session_processes(proc):
-        try:
-            times = p.cpu_times()
-            seen[p.pid] = (process_title(p), times.user + times.system)
-        except psutil.Error:
-            pass
-    return seen
-
-
-def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]):
-    """CPU seconds per process title between two `cpu_seconds` (a process started in between
-    counts whole), largest first."""
-    used: dict[str, float] = {}
-    for pid, (title, cpu) in after.items():
-        used[title] = used.get(title, 0.0) + cpu - before.get(pid, (title, 0.0))[1]
-    return dict(
-        sorted(((t, round(c, 2)) for t, c in used.items() if c >= 0.005), key=lambda x: -x[1])
-    )
+def cpu_snapshot(proc: subprocess.Popen) -> process_cpu.Snapshot:
+    """CPU seconds so far of every process of the system (its session)."""
+    return process_cpu.snapshot(session_processes(proc))
 
 
 def wait_ready(port: int, model: str, timeout_s: float = 300) -> float:
@@ -327,9 +295,11 @@ def main() -> None:
                     scenario = f"{label}, {load}"
                     runs = results.setdefault(scenario, {}).setdefault(system, [])
                     for seed in range(args.runs):
-                        cpu_before = cpu_seconds(proc)
+                        cpu_before, since = cpu_snapshot(proc), time.time()
                         runs.append(bench(port, base, active, load, seed, args.prompts))
-                        runs[-1]["cpu_s"] = cpu_used(cpu_before, cpu_seconds(proc))
+                        runs[-1]["cpu_s"] = process_cpu.cpu_used(
+                            cpu_before, cpu_snapshot(proc), since
+                        )
                         print(f"  {scenario} run {seed}: {summary(runs[-1])}", flush=True)
         finally:
             stop(proc)

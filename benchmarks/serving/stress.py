@@ -77,6 +77,7 @@ from app.engine import ModelNames
 from app.node_env import node_env
 from app.replica_env import reset_niceness
 from app.token_link import TokenLinks
+from benchmarks.serving import process_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks/serving/results"
@@ -580,9 +581,9 @@ def analyse(load: Load, n: int, max_tokens: int, pace: Pace) -> dict[str, Any]:
     }
 
 
-def cpu_snapshot(root_pid: int) -> dict[int, tuple[str, float, float]]:
-    """pid -> (name, CPU seconds so far, start time) of the server process and its
-    descendants (a Ray worker's name is its process title, e.g. ray::ServeReplica:...)."""
+def cpu_snapshot(root_pid: int) -> process_cpu.Snapshot:
+    """CPU seconds so far of the server process and its descendants; the server process
+    itself under one name (plain: uvicorn; app: the Ray driver)."""
     import psutil
 
     try:
@@ -590,28 +591,11 @@ def cpu_snapshot(root_pid: int) -> dict[int, tuple[str, float, float]]:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return {}
-    out = {}
-    for p in procs:
-        try:
-            name = (p.cmdline() or [p.name()])[0].split("/")[-1]
-            if p.pid == root_pid:
-                name = "server process (plain: uvicorn; app: Ray driver)"
-            t = p.cpu_times()
-            out[p.pid] = (name[:60], t.user + t.system, p.create_time())
-        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
-            continue
-    return out
-
-
-def cpu_cores(before: dict, after: dict, since: float, window_s: float) -> dict[str, float]:
-    """CPU cores used per process name over the window (processes started in it count whole)."""
-    used: Counter = Counter()
-    for pid, (name, cpu, created) in after.items():
-        if pid in before:
-            used[name] += cpu - before[pid][1]
-        elif created >= since:
-            used[name] += cpu
-    return {k: round(v / window_s, 3) for k, v in sorted(used.items(), key=lambda kv: -kv[1])}
+    seen = process_cpu.snapshot(procs)
+    if root_pid in seen:
+        _, cpu, created = seen[root_pid]
+        seen[root_pid] = ("server process (plain: uvicorn; app: Ray driver)", cpu, created)
+    return seen
 
 
 async def run_level(url: str, n: int, args: argparse.Namespace, pace: Pace, server_pid: int):
@@ -643,7 +627,10 @@ async def run_level(url: str, n: int, args: argparse.Namespace, pace: Pace, serv
         spy.wait()
     result = analyse(load, n, args.max_tokens, pace)
     window = load.stop_at - load.warm_until
-    cpu = cpu_cores(cpu_w0, cpu_w1, wall_w0, window)
+    cpu = {
+        name: round(seconds / window, 3)
+        for name, seconds in process_cpu.cpu_used(cpu_w0, cpu_w1, wall_w0).items()
+    }
     client_cpu = (client_w1.ru_utime + client_w1.ru_stime) - (
         client_w0.ru_utime + client_w0.ru_stime
     )

@@ -4,9 +4,12 @@ model with that adapter merged into the weights (fp32).
 
 Comparison: vLLM generates greedily and reports the log-probability of each token it picked; the
 reference computes, teacher-forced on the same tokens, the log-probability of each. Both run in
-fp32, so they agree to LOGPROB_TOL = 1e-4 (observed <= 6e-6); every adapter moves these
-log-probabilities by > 0.1 and its expert part alone by > 0.1 (asserted below), so a swapped
-adapter, a dropped expert delta or a leaked base request is caught with a wide margin.
+fp32, so they agree to LOGPROB_TOL = 1e-3. The error depends on the CPU the suite runs on:
+<= 8e-6 on this project's AMX box, also with vLLM's AVX-512 and AVX2 kernel builds forced, but
+1.26e-4 for the base model on one CI machine of unknown model (2026-11-30; .ci/run now prints
+the CPU). The smallest signal is 0.10: every adapter moves these log-probabilities by 0.12-1.2
+and its expert part alone by 0.10-0.33 (asserted below), so a swapped adapter, a dropped expert
+delta or a leaked base request still sits 100x above the tolerance.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tests.merged_reference import load_merged_model, token_logprobs
 
 pytestmark = pytest.mark.engine
 
-LOGPROB_TOL = 1e-4
+LOGPROB_TOL = 1e-3
 MAX_TOKENS = 12
 ADAPTERS = [a.name for a in DEMO_ADAPTERS]
 PROMPTS = [list(range(5, 40)), [17, 300, 42, 1000, 7, 7, 901, 64, 1200], list(range(100, 420, 3))]

@@ -75,6 +75,7 @@ from kernels.triton_plan import (
     decode_config,
     early_route_max_a_elems,
     grouped_block_m,
+    naive_shrink_warps,
     plan_config,
     tile_config,
     use_decode,
@@ -849,6 +850,14 @@ class _Call:
         if spf is None:
             spf = num_pairs <= self.cfg["shrink_l2_prefetch_max_pairs"]
         self.shrink_l2_prefetch = bool(spf) and self.pdl["PDL"]
+        # Round ten: the call's first kernel launched without the PDL attribute (compiled the
+        # same: its wait returns at once), where the kernel before it is not ours.
+        first = options.first_pdl
+        if first is None:
+            first = num_pairs > self.cfg["first_nopdl_max_pairs"]
+        self.pdl_first = self.pdl
+        if not first and self.pdl["PDL"]:
+            self.pdl_first = {**self.pdl, "launch_pdl": False}
 
 
 def route_pairs(
@@ -884,15 +893,30 @@ def route_pairs(
         call.pdl,
         options.sort_warps,
         sort_block,
+        first_pdl=call.pdl_first,
     )
 
 
 def _launch_tiles(
-    call, routing, out, x, topk_ids, w, token_slots, enabled, has_en, a, b, is_w2, out_col0
+    call,
+    routing,
+    out,
+    x,
+    topk_ids,
+    w,
+    token_slots,
+    enabled,
+    has_en,
+    a,
+    b,
+    is_w2,
+    out_col0,
+    shrink_first=False,
 ):
     """Shrink then expand for <= 2 slices. a/b: lists of [S, E, R, K] / [S, E, N, R]; out:
     [M, top_k, >= out_col0 + slices * N]; x: [M, K] (w13) or [M * top_k, K] (w2); w: the routing
-    weights [M, top_k] for w2 (any tensor otherwise)."""
+    weights [M, top_k] for w2 (any tensor otherwise). shrink_first: the shrink is the call's
+    first kernel (no pair sort launched before it in this call)."""
     num_slots, num_experts, rank, k_dim = a[0].shape
     n_dim = b[0].shape[2]
     m, top_k = topk_ids.shape
@@ -921,6 +945,8 @@ def _launch_tiles(
         n_target = opts.expand_waves * call.sms
     ksplit_max = opts.ksplit_max or cfg["ksplit_max"]
     sc, ec = tile_config(bm, rank, k_dim)
+    if naive:  # round ten: fewer warps for the small batches' shrink (plan rule)
+        sc["num_warps"] = naive_shrink_warps(cfg, p, rank) or sc["num_warps"]
     # Round four: 32-row tiles of small batches and rank <= 16 expand in 128 columns when N has
     # no partial column tile (measured better in both methods only there; docs/kernels.md).
     if (
@@ -990,7 +1016,7 @@ def _launch_tiles(
         NAIVE=naive,
         IEEE=ieee,
         **sc,
-        **pdl,
+        **(call.pdl_first if shrink_first else pdl),
         EARLY_TRIGGER=early,
         L2_PREFETCH=naive and call.shrink_l2_prefetch,
     )
@@ -1044,7 +1070,12 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
     p = m * top_k
     dc = decode_config(call.cfg, rank, k_dim, n_dim, p)
     dc.update(call.options.decode_cfg or {})
-    prefetch = bool(dc.pop("L2_PREFETCH")) and call.pdl["PDL"]
+    pdl = call.pdl_first
+    if call.options.after_foreign and call.cfg["decode_nopdl_after_foreign"]:
+        # Round ten: after a kernel that is not ours (vLLM's base GEMM) the decode kernel
+        # runs without PDL: no wait, no trigger (measured faster inside the whole MoE layer).
+        pdl = {"PDL": False}
+    prefetch = bool(dc.pop("L2_PREFETCH")) and pdl["PDL"]
     pf_lines = triton.next_power_of_2(triton.cdiv(k_dim, 64))
     k_pad = triton.next_power_of_2(k_dim)
     block_r = triton.next_power_of_2(max(rank, 16))
@@ -1052,7 +1083,7 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
     early_req = bool(dc.pop("EARLY_ROUTE"))
     early = early_req and block_r * k_pad <= early_route_max_a_elems(call.cfg)
     spec_test = bool(dc.pop("SPEC_TEST", False))
-    trigger = bool(dc.pop("TRIGGER", call.trigger_decode)) and call.pdl["PDL"]
+    trigger = bool(dc.pop("TRIGGER", call.trigger_decode)) and pdl["PDL"]
     # Round nine: the K reduction split over programs where A is larger than SPLIT_A_ELEMS
     # (chunks of a power-of-two K width; the last program of each block does the expand).
     split_elems = int(dc.pop("SPLIT_A_ELEMS", 0))
@@ -1121,7 +1152,7 @@ def _launch_decode(call, out, x, topk_ids, w, token_slots, enabled, has_en, a, b
         EVEN_K=even_k,
         L2_HINTS=not INTERPRET,
         **dc,
-        **call.pdl,
+        **pdl,
     )
 
 
@@ -1160,11 +1191,13 @@ def _project(
     if decode:  # one launch, no routing needed (w2 routes itself if it takes the tile path)
         _launch_decode(call, *args)
         return routing
+    sorted_here = False
     if routing is None:
         routing = route_pairs(
             topk_ids, token_slots, slot_enabled, num_slots, num_experts, rank, options
         )
-    _launch_tiles(call, routing, *args)
+        sorted_here = routing.mode != "naive"
+    _launch_tiles(call, routing, *args, shrink_first=not sorted_here)
     return routing
 
 

@@ -83,8 +83,12 @@ def sort_pairs(
     pdl: dict,
     sort_warps: int | None = None,
     sort_block: int | None = None,
+    first_pdl: dict | None = None,
 ) -> PairRouting:
-    """Group the active pairs by (slot, expert) into tiles of <= block_m pairs."""
+    """Group the active pairs by (slot, expert) into tiles of <= block_m pairs. first_pdl: the
+    launch options of the first sorting kernel (round ten: without the PDL attribute where the
+    kernel before the call is not ours); the later ones use pdl."""
+    first = pdl if first_pdl is None else first_pdl
     m, top_k = topk_ids.shape
     p = m * top_k
     num_groups = num_slots * num_experts
@@ -125,7 +129,7 @@ def sort_pairs(
             BLOCK_P=block_p,
             SENTINEL=_SENTINEL,
             num_warps=4 if block_p <= 512 else 8,
-            **pdl,
+            **first,
         )
         return routing
     group_off = torch.empty(num_groups, dtype=torch.int32, device=dev)
@@ -152,7 +156,7 @@ def sort_pairs(
             ATOMIC_READ=sorter != "count1_cg",
             RELAXED=sorter == "count1r",
             num_warps=sort_warps or max(4, min(16, block_p // 256)),
-            **pdl,
+            **first,
         )
         return routing
     if sorter == "onepass":  # too many pairs for one tl.sort
@@ -169,7 +173,7 @@ def sort_pairs(
     if sorter == "count4":
         counts = torch.zeros(num_groups, dtype=torch.int32, device=dev)
         _count_kernel[grid](
-            topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl,
+            topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **first,
             RELAXED=relaxed,
         )  # fmt: skip
         _scan_kernel[(1,)](
@@ -197,14 +201,14 @@ def sort_pairs(
             **route,
             BLOCK_M=block_m,
             BLOCK_G=1024,
-            **pdl,
+            **first,
         )
         _scatter_kernel[grid](key, rank, group_off, sorted_pairs, p, BLOCK=block, **pdl)
         return routing
     if sorter != "count":
         raise ValueError(f"unknown pair sorter {sorter!r}")
     _count_kernel[grid](
-        topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **pdl,
+        topk_ids, token_slots, enabled, counts, key, rank, p, num_slots, **route, **first,
         RELAXED=relaxed,
     )  # fmt: skip
     _scan_scatter_kernel[grid](

@@ -8,7 +8,7 @@ and `<GPU name>.json` (torch.cuda.get_device_name with spaces as underscores, e.
 only. No threshold is written in code.
 
 `LaunchOptions` lets tests and benchmarks force one variant of the plan per call; production
-calls pass none.
+calls pass none, except the vLLM plugin's `after_foreign` (a fact of its call site, round ten).
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ class LaunchOptions:
     # their wait (None = the plan's tail_trigger_max_pairs / shrink_l2_prefetch_max_pairs).
     trigger: bool | None = None
     shrink_l2_prefetch: bool | None = None
+    # Round ten: False launches a call's FIRST kernel without the PDL launch attribute (same
+    # code: its wait then returns at once), for calls that follow a kernel that is not ours
+    # (vLLM's base GEMM); its later kernels keep PDL. None = the plan (first_nopdl_max_pairs).
+    first_pdl: bool | None = None
+    # Round ten: the kernel before this call on the stream is not one of ours (the vLLM
+    # plugin: vLLM's base GEMM, which never triggers early). Where the plan says
+    # (decode_nopdl_after_foreign), the decode kernel then runs without PDL: its wait and
+    # trigger have nothing to overlap there and cost time. A fact of the call site, set by
+    # kernels/vllm_plugin/moe_hooks.py; tile paths are unchanged by it.
+    after_foreign: bool = False
 
 
 DEFAULT_OPTIONS = LaunchOptions()
@@ -250,3 +260,13 @@ def tile_config(block_m: int, rank: int, k_dim: int) -> tuple[dict, dict]:
         expand = dict(BLOCK_N=128 if block_r <= 32 else 64, num_warps=4)
     expand.update(BLOCK_M=block_m, BLOCK_R=block_r, num_stages=3)
     return shrink, expand
+
+
+def naive_shrink_warps(cfg: dict, num_pairs: int, rank: int) -> int | None:
+    """Round ten: warps of the naive tile shrink for small batches of small rank (None = the
+    tile_config default): 2 warps on the H200 up to 64 pairs at rank <= 16 (GPT-OSS-20B rank 16
+    at M <= 16: each program's 16 x 256 A slice needs no more threads, and more programs fit)."""
+    small = num_pairs <= cfg["naive_shrink_warps_max_pairs"]
+    if small and rank <= cfg["naive_shrink_warps_max_rank"]:
+        return cfg["naive_shrink_warps"]
+    return None

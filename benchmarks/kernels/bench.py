@@ -54,6 +54,7 @@ from kernels import triton_moe_lora as ours
 from kernels.triton_plan import (
     LaunchOptions,
     grouped_block_m,
+    naive_shrink_warps,
     plan_config,
     plan_name,
     projection_path,
@@ -482,6 +483,9 @@ R7_PLAN_KEYS = dict(
 )
 # Round nine: round eight's plan (the one-program counting sort from 513 pairs off).
 R8_PLAN_KEYS = dict(count1_early_min_pairs=1 << 30)
+# Round ten: round nine's plan (the naive shrink's 2 warps off; the decode kernel's PDL rule
+# after a foreign kernel touches only calls that say so: lora_tax, the vLLM plugin).
+R9_PLAN_KEYS = dict(naive_shrink_warps_max_pairs=0, decode_nopdl_after_foreign=0)
 PLAN_OVERRIDE: dict = {}
 _REAL_PLAN_CONFIG = ours.plan_config
 
@@ -507,6 +511,9 @@ def plan_variants(model, rank, n_act, m):
     # round nine: round eight's plan beside the plan where they differ (the pair sorter)
     if path != plan_name({**_cfg(), **R8_PLAN_KEYS}, p, n_act, spec["experts"], rank):
         v["r8plan"] = dict(cfg=R8_PLAN_KEYS)
+    # round ten: round nine's plan beside where the naive shrink's warps differ
+    if path == "tile-naive" and naive_shrink_warps(_cfg(), p, rank):
+        v["r9plan"] = dict(cfg=R9_PLAN_KEYS)
     if not path.startswith("tile-grouped"):
         return v
     forced_sorters = []

@@ -7,7 +7,8 @@ cache1 [M, top_k, 2I], SiLU-and-mul into cache2 [M * top_k, I], the base kernel 
 scaled by the routing weight) into cache3 [M, top_k, H], and the sum over top_k; the LoRA
 deltas go where vLLM's FusedMoEWithLoRA puts them: w13's into cache1 before the activation,
 w2's into cache3 before the sum. Timed three ways on the same inputs: base alone, base + vLLM's
-fused_moe_lora, base + ours (our routing built in w13, reused by w2, and timed). vLLM's align
+fused_moe_lora, base + ours (our routing built in w13, reused by w2, and timed; called as the
+vLLM plugin calls it: LaunchOptions(after_foreign=True), round ten). vLLM's align
 metadata (base and LoRA) is built outside the timed region. bf16, every token has an adapter.
 
 Cold L2: LAYERS layer calls, each with its own base and adapter weights and routing, in one CUDA
@@ -37,6 +38,7 @@ from benchmarks.kernels.inputs import DEV, DTYPE, MODELS, layer_view, make_routi
 from benchmarks.kernels.timing import graph_time, measure_peak_bw
 from kernels import triton_moe_lora as ours
 from kernels.model_shapes import MODEL_SHAPES
+from kernels.triton_plan import LaunchOptions
 
 LAYERS = 4
 GRID_M = [1, 4, 16, 64, 256, 1024, 4096]
@@ -82,11 +84,15 @@ class Layer:
         self.lora = lora_meta(self.topk_ids, self.slots, self.enabled)
 
 
-OURS_OPTIONS = None  # LaunchOptions for our op (--ours-options), None = the plan
+# LaunchOptions of our op: the plan, called as the vLLM plugin calls it (round ten: after_foreign,
+# the kernel before each delta is vLLM's base GEMM); --ours-options adds fields.
+OURS_OPTIONS = LaunchOptions(after_foreign=True)
 
 
-def run_layer(base, w1, w2, lay: Layer, lora: str, adapters, vllm):
+def run_layer(base, w1, w2, lay: Layer, lora: str, adapters, vllm, options=None):
+    """One layer call; options: (w13, w2) LaunchOptions of our op (None: OURS_OPTIONS)."""
     k = lay.topk_ids.shape[1]
+    o13, o2 = options if options is not None else (OURS_OPTIONS, OURS_OPTIONS)
     base.gemm(lay.x, w1, lay.cache1, lay.topk_w, lay.base, False, k)
     routing = None
     if lora == "ours":
@@ -98,7 +104,7 @@ def run_layer(base, w1, w2, lay: Layer, lora: str, adapters, vllm):
             adapters["a13"],
             adapters["b13"],
             lay.enabled,
-            **({"options": OURS_OPTIONS} if OURS_OPTIONS is not None else {}),
+            **({"options": o13} if o13 is not None else {}),
         )
     elif lora == "vllm":
         vllm.w13(lay.cache1, lay.x, adapters["a13"], adapters["b13"], lay.topk_w, lay.lora)
@@ -115,11 +121,37 @@ def run_layer(base, w1, w2, lay: Layer, lora: str, adapters, vllm):
             adapters["b2"],
             lay.enabled,
             routing=routing,
-            **({"options": OURS_OPTIONS} if OURS_OPTIONS is not None else {}),
+            **({"options": o2} if o2 is not None else {}),
         )
     elif lora == "vllm":
         vllm.w2(lay.cache3, lay.cache2, adapters["a2"], adapters["b2"], lay.topk_w, lay.lora)
     torch.sum(lay.cache3, dim=1, out=lay.out)
+
+
+def base_weights(model, gen):
+    """LAYERS layers' base expert weights (w13 [E, 2I, H], w2 [E, H, I]), N(0, 1/fan-in)."""
+    s = MODELS[model]
+    e, h, i = s["experts"], s["hidden"], s["inter"]
+
+    def randn(*shape, scale):
+        return torch.empty(*shape, device=DEV, dtype=DTYPE).normal_(0, scale, generator=gen)
+
+    w1 = [randn(e, 2 * i, h, scale=h**-0.5) for _ in range(LAYERS)]
+    w2 = [randn(e, h, i, scale=i**-0.5) for _ in range(LAYERS)]
+    return w1, w2
+
+
+def cell_layers(base, vllm, model, rank, n_act, m, gen):
+    """LAYERS layer calls' buffers, routing and both align metadata of one cell."""
+    e = MODELS[model]["experts"]
+
+    def base_meta(topk_ids):
+        return base.prepare(model, e, topk_ids)
+
+    def lora_meta(topk_ids, slots, enabled):
+        return vllm.prepare(model, e, rank, topk_ids, slots, enabled, n_act)
+
+    return [Layer(model, m, n_act, gen, base_meta, lora_meta) for _ in range(LAYERS)]
 
 
 def base_bytes(model, topk_ids):
@@ -144,21 +176,23 @@ def main():
     ap.add_argument(
         "--ours-cfg",
         default=None,
-        help="plan keys overriding the GPU's plan for our op, as JSON; r7plan / r8plan = round "
-        "seven's / eight's",
+        help="plan keys overriding the GPU's plan for our op, as JSON; r7plan / r8plan / r9plan = "
+        "round seven's / eight's / nine's",
     )
     args = ap.parse_args()
     global OURS_OPTIONS
     if args.ours_cfg:
         from benchmarks.kernels import bench  # installs the plan override (bench.PLAN_OVERRIDE)
 
-        named = {"r7plan": bench.R7_PLAN_KEYS, "r8plan": bench.R8_PLAN_KEYS}
+        named = {
+            "r7plan": bench.R7_PLAN_KEYS,
+            "r8plan": bench.R8_PLAN_KEYS,
+            "r9plan": bench.R9_PLAN_KEYS,
+        }
         cfg = named[args.ours_cfg] if args.ours_cfg in named else json.loads(args.ours_cfg)
         bench.PLAN_OVERRIDE.update(cfg)
     if args.ours_options:
-        from kernels.triton_plan import LaunchOptions
-
-        OURS_OPTIONS = LaunchOptions(**json.loads(args.ours_options))
+        OURS_OPTIONS = LaunchOptions(**{"after_foreign": True, **json.loads(args.ours_options)})
     GRID_RANKS[:] = [int(v) for v in args.ranks.split(",")]
     GRID_M[:] = [int(v) for v in args.grid_m.split(",")]
     out = Path(args.out)
@@ -182,14 +216,7 @@ def main():
     rows = []
     adapters_grid = [int(a) for a in args.adapters.split(",")]
     for model in args.models.split(","):
-        s = MODELS[model]
-        e, h, i = s["experts"], s["hidden"], s["inter"]
-
-        def randn(*shape, scale):
-            return torch.empty(*shape, device=DEV, dtype=DTYPE).normal_(0, scale, generator=gen)
-
-        w1 = [randn(e, 2 * i, h, scale=h**-0.5) for _ in range(LAYERS)]
-        w2 = [randn(e, h, i, scale=i**-0.5) for _ in range(LAYERS)]
+        w1, w2 = base_weights(model, gen)
         for rank in GRID_RANKS:
             for n_act in adapters_grid:
                 pool = make_weights(model, n_act, rank, LAYERS, gen)
@@ -198,15 +225,7 @@ def main():
                     if time.time() - start > args.budget_s:
                         break
 
-                    def base_meta(topk_ids, model=model, e=e):
-                        return base.prepare(model, e, topk_ids)
-
-                    def lora_meta(topk_ids, slots, enabled, model=model, rank=rank, n=n_act, e=e):
-                        return vllm.prepare(model, e, rank, topk_ids, slots, enabled, n)
-
-                    lays = [
-                        Layer(model, m, n_act, gen, base_meta, lora_meta) for _ in range(LAYERS)
-                    ]
+                    lays = cell_layers(base, vllm, model, rank, n_act, m, gen)
                     res = dict(model=model, rank=rank, adapters=n_act, M=m)
                     try:
                         for lora in ("none", "vllm", "ours"):

@@ -36,6 +36,17 @@ def supported(expert_map, fully_sharded: bool) -> bool:
     return expert_map is None and not fully_sharded
 
 
+def _after_vllm(t: torch.Tensor):
+    """Launch options of our op at these hooks on CUDA: the kernel before each call is vLLM's
+    base GEMM, not ours (round ten: LaunchOptions.after_foreign; the plan decides what it
+    changes). None on CPU (the torch backend takes no options; triton is not imported)."""
+    if t.device.type != "cuda":
+        return None
+    from kernels.triton_plan import LaunchOptions
+
+    return LaunchOptions(after_foreign=True)
+
+
 def add_lora_w13(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -56,7 +67,14 @@ def add_lora_w13(
         out.zero_()
     if not no_lora:
         routing = add_moe_lora_w13(
-            out, x, topk_ids, mapping, lora_a_stacked, lora_b_stacked, slot_enabled=adapter_enabled
+            out,
+            x,
+            topk_ids,
+            mapping,
+            lora_a_stacked,
+            lora_b_stacked,
+            slot_enabled=adapter_enabled,
+            options=_after_vllm(x),
         )
     return routing, topk_ids.reshape(-1), None, mapping
 
@@ -90,4 +108,5 @@ def add_lora_w2(
         lora_b_stacked[0],
         slot_enabled=adapter_enabled,
         routing=routing,
+        options=_after_vllm(x),
     )

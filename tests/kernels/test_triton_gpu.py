@@ -77,6 +77,15 @@ PATHS = {
     "decode-split-b-late": LaunchOptions(
         decode=True, decode_cfg={"SPLIT_A_ELEMS": 4096, "B_LATE": True, "EARLY_ROUTE": True}
     ),
+    # round ten: the naive shrink in 2 warps; the decode kernel after a foreign kernel (no PDL
+    # on the H200); a call's first kernel launched without the PDL attribute
+    "tile-naive-shrink-2-warps": LaunchOptions(mode="naive", shrink={"num_warps": 2}),
+    "decode1-after-foreign": LaunchOptions(decode_max_pairs=1 << 30, after_foreign=True),
+    "first-nopdl-decode1": LaunchOptions(decode_max_pairs=1 << 30, first_pdl=False),
+    "first-nopdl-tile-naive": LaunchOptions(mode="naive", first_pdl=False),
+    "first-nopdl-grouped-count1r": LaunchOptions(mode="grouped", sorter="count1r", first_pdl=False),
+    "first-nopdl-grouped-countr": LaunchOptions(mode="grouped", sorter="countr", first_pdl=False),
+    "auto-after-foreign": LaunchOptions(after_foreign=True),
     "auto": LaunchOptions(),
 }
 # model, M, adapters, rank: decode sizes, a grouped size, an odd M
@@ -229,8 +238,21 @@ CHAIN_OPTIONS = {
     "trigger-split-decode-early-route": LaunchOptions(
         decode=True, trigger=True, decode_cfg={"SPLIT_A_ELEMS": 8192, "EARLY_ROUTE": True}
     ),
+    # round ten: the plugin's calls (after_foreign) and first kernels without the PDL attribute
+    "after-foreign-decode-early-route": LaunchOptions(
+        decode=True, after_foreign=True, decode_cfg={"EARLY_ROUTE": True}
+    ),
+    "first-nopdl-naive": LaunchOptions(mode="naive", first_pdl=False),
+    "auto-after-foreign": LaunchOptions(after_foreign=True),
     "auto": LaunchOptions(),
 }
+
+
+def test_plugin_calls_say_after_foreign_on_cuda():
+    from kernels.vllm_plugin import moe_hooks
+
+    assert moe_hooks._after_vllm(torch.zeros(1, device="cuda")).after_foreign
+    assert moe_hooks._after_vllm(torch.zeros(1)) is None
 
 
 @pytest.mark.parametrize("model", ["gpt-oss-20b", "qwen3-30b-a3b"])

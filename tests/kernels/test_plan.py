@@ -9,11 +9,13 @@ import pytest
 pytest.importorskip("triton")
 from kernels.triton_plan import (  # noqa: E402
     CONFIG_DIR,
+    LaunchOptions,
     choose_mode,
     choose_sorter,
     config_file_name,
     decode_config,
     grouped_block_m,
+    naive_shrink_warps,
     plan_config,
     use_decode,
 )
@@ -105,3 +107,20 @@ def test_sorter_rule_round_nine():
     assert choose_sorter(cfg, 2048, 128) == "count1r"
     # other GPUs: unchanged (tl.sort up to onepass_sort_max_pairs)
     assert choose_sorter(plan_config(None), 1024, 32) == "onepass"
+
+
+def test_round_ten_rules():
+    cfg = plan_config("NVIDIA H200")
+    # the naive shrink in 2 warps up to 64 pairs at rank <= 16 (GPT-OSS rank 16, M <= 16)
+    assert naive_shrink_warps(cfg, 4, 16) == 2
+    assert naive_shrink_warps(cfg, 64, 16) == 2
+    assert naive_shrink_warps(cfg, 65, 16) is None
+    assert naive_shrink_warps(cfg, 4, 64) is None
+    # the decode kernel without PDL only where the call says the kernel before it is not ours
+    assert cfg["decode_nopdl_after_foreign"]
+    assert not LaunchOptions().after_foreign
+    # the first kernel without the PDL attribute: measured, off
+    assert cfg["first_nopdl_max_pairs"] == 0
+    defaults = plan_config(None)
+    assert naive_shrink_warps(defaults, 4, 16) is None
+    assert not defaults["decode_nopdl_after_foreign"]

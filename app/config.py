@@ -132,6 +132,9 @@ class IngressDeploymentConfig(_Strict):
     engine_calls: Literal["grpc", "ray"] = "grpc"
 
 
+BATCH_PER_IMBALANCE = 8  # the default load bound is the batch over this
+
+
 class RoutingConfig(_Strict):
     """The engine deployment's request router: ours, adapter-aware (app/request_router.py), or
     Ray Serve's default (power of two choices; it prefers replicas reporting the request's
@@ -140,8 +143,11 @@ class RoutingConfig(_Strict):
 
     router: Literal["adapter_affinity", "ray_default"] = "adapter_affinity"
     # An adapter-holding replica is preferred only while its queue is at most this much longer
-    # than the least-loaded replica's; beyond that the request goes where capacity is.
-    imbalance_threshold: int = Field(default=8, ge=0)
+    # than the least-loaded replica's; beyond that the request goes where capacity is. Unset:
+    # 1/8 of the engine's batch (`engine.max_num_seqs`), at least 1: a few requests' imbalance
+    # matters to a 16-seat CPU engine (each extra sequence slows every step) and not to a
+    # 128-seat GPU one (docs/benchmarks.md, routing experiment).
+    imbalance_threshold: int | None = Field(default=None, ge=0)
     stats_period_s: float = Field(default=1.0, gt=0)
 
 
@@ -207,6 +213,14 @@ class AppConfig(_Strict):
             if a.name == self.engine.served_model_name:
                 raise ValueError(f"adapter {a.name!r} has the base model's name")
         return self
+
+    @property
+    def imbalance_threshold(self) -> int:
+        """The request router's load bound: `routing.imbalance_threshold`, or the default
+        derived from the engine's batch."""
+        if self.routing.imbalance_threshold is not None:
+            return self.routing.imbalance_threshold
+        return max(1, self.engine.max_num_seqs // BATCH_PER_IMBALANCE)
 
     @property
     def registry_path(self) -> str:

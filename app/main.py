@@ -28,7 +28,7 @@ def _router_config(cfg: AppConfig) -> RequestRouterConfig:
         return RequestRouterConfig(request_routing_stats_period_s=cfg.routing.stats_period_s)
     return RequestRouterConfig(
         request_router_class="app.request_router:AdapterAffinityRequestRouter",
-        request_router_kwargs={"imbalance_threshold": cfg.routing.imbalance_threshold},
+        request_router_kwargs={"imbalance_threshold": cfg.imbalance_threshold},
         request_routing_stats_period_s=cfg.routing.stats_period_s,
     )
 

@@ -150,3 +150,23 @@ def test_router_switch_defaults_to_ours_and_can_pick_rays_default():
     with pytest.raises(ValidationError) as info:
         AppConfig.from_args({"routing": {"router": "round_robin"}})
     assert _error_locations(info.value) == ["routing.router"]
+
+
+def _engine_router_kwargs(args: dict) -> dict:
+    from app.main import build_app
+
+    engine = build_app(args)._bound_deployment.init_args[0]._bound_deployment
+    return engine._deployment_config.request_router_config.request_router_kwargs
+
+
+@pytest.mark.parametrize(("max_num_seqs", "bound"), [(16, 2), (64, 8), (128, 16), (4, 1), (1, 1)])
+def test_router_load_bound_defaults_to_an_eighth_of_the_batch(max_num_seqs, bound):
+    args = {"engine": {"max_num_seqs": max_num_seqs}}
+    assert AppConfig.from_args(args).imbalance_threshold == bound
+    assert _engine_router_kwargs(args) == {"imbalance_threshold": bound}
+
+
+def test_router_load_bound_set_explicitly_wins_even_at_zero():
+    for bound in (0, 5):
+        args = {"engine": {"max_num_seqs": 128}, "routing": {"imbalance_threshold": bound}}
+        assert _engine_router_kwargs(args) == {"imbalance_threshold": bound}

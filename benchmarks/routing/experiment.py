@@ -63,6 +63,7 @@ import httpx
 import psutil
 
 from app.builtin_model import BUILTIN_MODEL_NAME, DEMO_ADAPTERS
+from app.config import AppConfig
 from loadtest.report import percentile
 from loadtest.workload import LengthDist, ZipfSampler, prompt_text
 
@@ -373,7 +374,12 @@ def run_one(router: str, args, arrivals: list[Arrival]) -> dict:
         "parameters": {
             "duration_s": args.duration_s,
             "rate_per_s": args.rate,
-            "imbalance_threshold": cfg["routing"].get("imbalance_threshold"),
+            # ours: the bound the app ran with (set, or derived from the batch); Ray's: None
+            "imbalance_threshold": (
+                AppConfig.from_args(cfg).imbalance_threshold
+                if router == "adapter_affinity"
+                else None
+            ),
             "seed": SEED,
             "tenants": N_TENANTS,
             "zipf_s": ZIPF_S,

@@ -37,14 +37,22 @@ BUSY_LOAD_AVERAGE = 40.0
 TARGET = 0.15
 
 
-def experiment_fleet(slowdown: float) -> Scenario:
-    # benchmarks/routing/experiment.py app_args: max_ongoing_requests 64, threshold 8 (default)
-    return Scenario(cpu_builtin(slowdown), FleetParams(max_ongoing_requests=64))
+# The load bound of runs that recorded none: the app's default until stop 22 (since then the
+# experiment records the bound its app ran with, 1/8 of max_num_seqs 16 = 2 by default).
+RECORDED_NONE_THRESHOLD = 8
 
 
-def simulate(router: str, slowdown: float) -> list[dict]:
+def experiment_fleet(slowdown: float, threshold: int = RECORDED_NONE_THRESHOLD) -> Scenario:
+    # benchmarks/routing/experiment.py app_args: max_ongoing_requests 64
+    return Scenario(
+        cpu_builtin(slowdown),
+        FleetParams(max_ongoing_requests=64, imbalance_threshold=threshold),
+    )
+
+
+def simulate(router: str, slowdown: float, threshold: int = RECORDED_NONE_THRESHOLD) -> list[dict]:
     return [
-        summarize(Fleet(experiment_fleet(slowdown), router, 2, seed=s).run(
+        summarize(Fleet(experiment_fleet(slowdown, threshold), router, 2, seed=s).run(
             routing_experiment_traffic()))
         for s in (SEEDS if router != "ours" else [0])  # ours draws nothing at random
     ]  # fmt: skip
@@ -65,11 +73,17 @@ def load_average(run: dict) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def recorded_threshold(run: dict) -> int:
+    bound = run["parameters"].get("imbalance_threshold")
+    return RECORDED_NONE_THRESHOLD if bound is None else bound
+
+
 def measured_row(name: str, run: dict) -> dict:
     c = run["client"]
     return {
         "file": name,
         "router": ROUTER_NAMES[run["router"]],
+        "imbalance_threshold": recorded_threshold(run),
         "load_average_after": load_average(run),
         "ttft_p50_s": c["ttft_p50_s"],
         "ttft_p90_s": c["ttft_p90_s"],
@@ -121,8 +135,8 @@ def run_validation() -> dict:
     rows = []
     for name, run in runs.items():
         m = measured_row(name, run)
-        prior = sim_row(simulate(m["router"], 1.0))
-        sim = sim_row(simulate(m["router"], slowdown))
+        prior = sim_row(simulate(m["router"], 1.0, m["imbalance_threshold"]))
+        sim = sim_row(simulate(m["router"], slowdown, m["imbalance_threshold"]))
         busy = (m["load_average_after"] or 0) >= BUSY_LOAD_AVERAGE
         rows.append({
             "role": "fit" if name == FIT_RUN else "validation",

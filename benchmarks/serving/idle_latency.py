@@ -29,7 +29,14 @@ WARMUP = 20
 
 
 def ingress_ports(proc) -> list[int]:
-    """The HTTP ports the app's ingress replicas listen on themselves (HAProxy forwards there)."""
+    """The HTTP ports the app's ingress replicas listen on themselves (HAProxy forwards there):
+    those in Ray Serve's direct-ingress HTTP port range."""
+    from ray.serve._private.constants import (
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+    )
+
+    direct = range(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT)
     ports = set()
     for p in compare.session_processes(proc):
         try:
@@ -38,8 +45,7 @@ def ingress_ports(proc) -> list[int]:
             listening = [c.laddr.port for c in p.net_connections("tcp") if c.status == "LISTEN"]
         except psutil.Error:
             continue
-        # Ray Serve's direct-ingress HTTP port range (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT).
-        ports.update(port for port in listening if 30000 <= port < 31000)
+        ports.update(port for port in listening if port in direct)
     return sorted(ports)
 
 
